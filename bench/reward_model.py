@@ -1,0 +1,147 @@
+"""Benchmark: train a reward model with `rahf train-rm` on the AlpacaEval preference dev pairs.
+
+Runs the CLI exactly as a user would, reads OUT/metrics.json, and writes its section of
+BENCHMARKS.md between ``<!-- reward-model:start -->`` and ``<!-- reward-model:end -->`` (other
+benches own other sections; the file is created if missing). Skips with a message when
+../shared/data is not there.
+
+The default budget fits about 15 minutes on 2 shared CPU cores: the first LIMIT pairs, split
+train / validation by prompt, one epoch, LoRA in the top blocks only (no backward pass through
+the lower blocks), inputs cut to MAX_LENGTH tokens.
+
+    python bench/reward_model.py [--limit N] [--lora-layers N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "alpacaeval-prefs" / "dev.jsonl.gz"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+START, END = "<!-- reward-model:start -->", "<!-- reward-model:end -->"
+
+LIMIT = 600  # pairs read (before the split by prompt)
+VAL_FRACTION = 0.25
+LORA_LAYERS = 4  # of SmolLM2-135M's 30 blocks
+MAX_LENGTH = 256
+MAX_REPLY_TOKENS = 192
+BATCH_SIZE = 8
+LR = 2e-4
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_section(text: str, path: Path = BENCHMARKS) -> None:
+    """Replace only our part of BENCHMARKS.md (create the file if it does not exist)."""
+    from rahf.io import atomic_write_text
+
+    section = f"{START}\n{text.strip()}\n{END}"
+    if not path.exists():
+        atomic_write_text(path, section + "\n")
+        return
+    current = path.read_text()
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        atomic_write_text(path, head + section + tail)
+    else:
+        atomic_write_text(path, current.rstrip("\n") + "\n\n" + section + "\n")
+
+
+def fmt(estimate: dict) -> str:
+    return f"{estimate['value']:.1%} [{estimate['low']:.1%}, {estimate['high']:.1%}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=LIMIT)
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
+    parser.add_argument("--lora-layers", type=int, default=LORA_LAYERS)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
+    parser.add_argument("--max-reply-tokens", type=int, default=MAX_REPLY_TOKENS)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "reward_model"))
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    args = parser.parse_args()
+    if not DATA.is_file():
+        print(f"bench/reward_model.py: skipped: {DATA} not found (the shared data is not here)")
+        return 0
+
+    command = [
+        "rahf", "train-rm", "--data", os.path.relpath(DATA, ROOT), "--model", "smollm2",
+        "--out", args.out, "--lora", "--lora-layers", str(args.lora_layers),
+        "--limit", str(args.limit), "--val-fraction", str(args.val_fraction), "--epochs", "1",
+        "--batch-size", str(BATCH_SIZE), "--lr", str(LR), "--max-length", str(args.max_length),
+        "--max-reply-tokens", str(args.max_reply_tokens), "--seed", "0",
+    ]
+    print("$ " + " ".join(command), flush=True)
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "rahf.cli", *command[1:]], cwd=ROOT, check=True)
+    wall = time.time() - started
+    metrics = json.loads((Path(args.out) / "metrics.json").read_text())
+
+    validation, longer = metrics["validation_accuracy"], metrics["longer_wins_accuracy"]
+    summary = (
+        f"validation accuracy {fmt(validation)}, longer-reply-wins {fmt(longer)},"
+        f" {metrics['n_train']} train / {metrics['n_validation']} validation pairs,"
+        f" {metrics['steps']} steps, wall {wall / 60:.1f} min"
+    )
+    print(summary)
+    if args.no_write:
+        return 0
+    env = metrics["environment"]
+    write_section(f"""
+## Reward model: `rahf train-rm` on AlpacaEval preference pairs
+
+A Bradley-Terry reward model on SmolLM2-135M-Instruct (the embedded default): LoRA (r 16) in the
+top {args.lora_layers} of 30 blocks plus the score head, trained with TRL's RewardTrainer for one
+epoch on the first {args.limit} pairs of `../shared/data/alpacaeval-prefs/dev.jsonl.gz` (GPT-4
+judged), split train / validation **by prompt** (no validation prompt seen in training).
+Inputs: chat template over prompt + reply, reply cut to {args.max_reply_tokens} tokens, whole
+input to {args.max_length}.
+
+```
+{" ".join(command)}
+```
+
+Machine: {env['cpu_threads']} CPU threads ({cpu_name()}), shared with other jobs, no GPU.
+Date: {date.today().isoformat()}. torch {env['versions']['torch']}, transformers
+{env['versions']['transformers']}, trl {env['versions']['trl']}, peft {env['versions']['peft']}.
+
+| | value (95% bootstrap CI) |
+|---|---|
+| held-out pairwise accuracy | {fmt(validation)} |
+| "longer reply wins" on the same pairs | {fmt(longer)} |
+| mean reward margin (chosen - rejected) | {metrics['validation_mean_margin']:.3f} |
+| pairs: train / validation | {metrics['n_train']} / {metrics['n_validation']} |
+| optimiser steps (batch {BATCH_SIZE}, lr {LR}) | {metrics['steps']} |
+| final train loss | {metrics['train_loss']:.3f} |
+| wall time (load, tokenise, train, validate, save) | {wall / 60:.1f} min |
+
+On these pairs GPT-4 preferred the longer reply about 82% of the time, so "longer wins" is a
+strong baseline; a 135M reward model trained for minutes on a CPU is a weak judge. Use it to
+compare models, and read its win rates next to the length-controlled ones and the behaviour
+metrics in `rahf eval`.
+""")
+    print(f"wrote the reward-model section of {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Configuration: one dataclass per stage, loaded from YAML and ``--set key=value`` overrides.
+
+Defaults follow the RAHF paper's reference settings (see ``docs`` in README) except where noted.
+Every check that can run before loading a model runs in ``__post_init__``; the checks that need
+the model's depth run in :func:`check_against_model`. Errors name the key and say how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from rahf.instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the key."""
+
+
+def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "module names to adapt, or ['all-linear']"},
+    )
+
+    def check(self, prefix: str) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"{prefix}.r (LoRA rank) must be an integer >= 1, got {self.r!r}")
+        _positive(f"{prefix}.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{prefix}.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError(f"{prefix}.target_modules must name at least one module")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation budget of one stage. ``max_steps`` > 0 overrides ``epochs``."""
+
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the stage's examples"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; > 0 overrides epochs"})
+    batch_size: int = field(default=4, metadata={"help": "examples per device per step"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "share of steps with linear warm-up"})
+    lr_scheduler: str = field(
+        default="constant_with_warmup", metadata={"help": "any transformers scheduler name (cosine, linear, ...)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+
+    def check(self, prefix: str) -> None:
+        _positive(f"{prefix}.learning_rate", self.learning_rate)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"{prefix}.max_steps must be >= 1 (or -1 to use epochs), got {self.max_steps}")
+        if self.max_steps == -1:
+            _positive(f"{prefix}.epochs", self.epochs)
+        for name in ("batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{prefix}.{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{prefix}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class Step1Config:
+    """Step 1: teach the model what is preferred (SCIT: one model; Dual: two adapters)."""
+
+    train: TrainSettings = field(
+        default_factory=lambda: TrainSettings(learning_rate=2e-4, epochs=2.0, warmup_ratio=0.1)
+    )
+    lora: LoraSettings = field(
+        default_factory=lambda: LoraSettings(r=16, alpha=32, target_modules=["all-linear"])
+    )
+    full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of LoRA"})
+    label_smoothing: float = field(
+        default=0.2, metadata={"help": "SCIT contrastive term's epsilon (METHOD.md step 1a)"}
+    )
+    dual_storage: Literal["adapters", "full-copies"] = field(
+        default="adapters",
+        metadata={"help": "Dual: two LoRA adapters on one base, or two merged full copies (reference layout)"},
+    )
+
+    def check(self) -> None:
+        self.train.check("step1.train")
+        self.lora.check("step1.lora")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"step1.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class PatternConfig:
+    """Step 2: which layers and replies the activity patterns are read from."""
+
+    target_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "hidden_states indices (1..N, after block l); default: every other layer over the middle third"},
+    )
+    alpha: float = field(default=5.0, metadata={"help": "target = orig + alpha * (preferred - dispreferred)"})
+    reply: Literal["default", "random", "chosen", "rejected", "both"] = field(
+        default="default",
+        metadata={"help": "reply the patterns use; default: random for SCIT, both for Dual"},
+    )
+    def check(self) -> None:
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ConfigError(f"patterns.alpha must be a finite number, got {self.alpha!r}")
+        if self.alpha < 0:
+            raise ConfigError(f"patterns.alpha must be >= 0 (it scales the preference direction), got {self.alpha}")
+        if self.target_layers is not None:
+            if not self.target_layers or not all(isinstance(i, int) for i in self.target_layers):
+                raise ConfigError("patterns.target_layers must be a non-empty list of integers")
+
+
+@dataclass
+class FitConfig:
+    """Step 3: LoRA fitted so hidden states match the targets."""
+
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=3e-4, epochs=1.0))
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    kl_weight: float = field(default=0.0, metadata={"help": "weight of KL(frozen || trained) next-token term"})
+    targets: Literal["on-the-fly", "cached"] = field(
+        default="on-the-fly", metadata={"help": "compute targets per batch, or once and cache on disk"}
+    )
+    truncate_forward: bool = field(
+        default=True, metadata={"help": "stop forward passes at the highest target layer"}
+    )
+    batch_frozen: bool = field(
+        default=True, metadata={"help": "one batched frozen call for orig/preferred/dispreferred"}
+    )
+    cache_dtype: Literal["bfloat16", "float32"] = field(
+        default="bfloat16", metadata={"help": "storage of cached targets (bf16 halves the disk and I/O)"}
+    )
+    group_by_length: bool = field(
+        default=True, metadata={"help": "batch examples of similar length together to pad less"}
+    )
+
+    def check(self) -> None:
+        self.train.check("fit.train")
+        self.lora.check("fit.lora")
+        if not math.isfinite(self.kl_weight) or self.kl_weight < 0:
+            raise ConfigError(f"fit.kl_weight must be >= 0, got {self.kl_weight}")
+
+
+@dataclass
+class BaselineConfig:
+    """The SFT and DPO baselines (``rahf baseline sft|dpo``), on the same data and outputs."""
+
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-4, epochs=1.0))
+    lora: LoraSettings = field(
+        default_factory=lambda: LoraSettings(r=16, alpha=32, target_modules=["all-linear"])
+    )
+    full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of LoRA"})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature of the implicit reward"})
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata={"help": "DPO: compute the reference log-probs once before training"}
+    )
+
+    def check(self) -> None:
+        self.train.check("baseline.train")
+        self.lora.check("baseline.lora")
+        _positive("baseline.beta", self.beta)
+
+
+@dataclass
+class AlignConfig:
+    method: Literal["scit", "dual"] = field(default="dual", metadata={"help": "RAHF variant: scit (one model, contrastive instructions) or dual (preferred + dispreferred models)"})
+    model: str = field(default="smollm2", metadata={"help": "hub id, local folder, or 'smollm2'"})
+    data: str = field(default="builtin", metadata={"help": "preference data file, folder, hub id, or 'builtin'"})
+    data_format: Literal["auto", "hh", "plain", "conversational", "ultrafeedback"] = field(
+        default="auto", metadata={"help": "preference data format; auto detects it from the first row"}
+    )
+    data_split: str | None = field(default=None, metadata={"help": "split of a hub dataset or saved DatasetDict"})
+    skip_invalid: bool = field(default=False, metadata={"help": "skip bad rows (counted by reason) instead of failing"})
+    max_pairs: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out (split by prompt hash)"})
+    run_dir: str = field(default="runs/rahf", metadata={"help": "folder for every stage's outputs; reruns resume here"})
+    seed: int = field(default=0, metadata={"help": "seed for splits, reply choice, LoRA init and data order"})
+    preferred_instruction: str = field(default=PREFERRED_INSTRUCTION, metadata={"help": "I+, placed as the system prompt"})
+    dispreferred_instruction: str = field(default=DISPREFERRED_INSTRUCTION, metadata={"help": "I-, placed as the system prompt"})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "prompt window; earliest turns are dropped first"})
+    max_reply_tokens: int | None = field(
+        default=None, metadata={"help": "reply window; default 64 for Dual, 512 for SCIT"}
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto", metadata={"help": "weights' dtype: auto = bf16 on a bf16 GPU, else fp32"}
+    )
+    mixed_precision: Literal["auto", "no", "bf16"] = field(
+        default="auto",
+        metadata={"help": "bf16 autocast with fp32 LoRA weights: auto = on bf16 GPUs; bf16 forces it (CPUs with AVX-512 BF16 too)"},
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default cuda if available"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "Trainer loggers: tensorboard, wandb, ..."})
+    logging_steps: int = field(default=5, metadata={"help": "log the loss every N steps"})
+    save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (resume point)"})
+    step1: Step1Config = field(default_factory=Step1Config)
+    patterns: PatternConfig = field(default_factory=PatternConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in get_args(get_type_hints(AlignConfig)["method"]):
+            raise ConfigError(f"method must be 'scit' or 'dual', got {self.method!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ConfigError(f"max_pairs must be >= 1, got {self.max_pairs}")
+        if self.max_prompt_tokens < 8:
+            raise ConfigError(f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}")
+        if self.max_reply_tokens is not None and self.max_reply_tokens < 1:
+            raise ConfigError(f"max_reply_tokens must be >= 1, got {self.max_reply_tokens}")
+        if self.preferred_instruction.strip() == self.dispreferred_instruction.strip():
+            raise ConfigError("preferred_instruction and dispreferred_instruction must differ")
+        self.step1.check()
+        self.patterns.check()
+        self.fit.check()
+        self.baseline.check()
+
+    @property
+    def reply_window(self) -> int:
+        if self.max_reply_tokens is not None:
+            return self.max_reply_tokens
+        return 512 if self.method == "scit" else 64
+
+    @property
+    def pattern_reply(self) -> str:
+        if self.patterns.reply != "default":
+            return self.patterns.reply
+        return "random" if self.method == "scit" else "both"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from rahf.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def default_target_layers(num_layers: int) -> list[int]:
+    """Every other hidden_states index over the middle third of the depth.
+
+    The paper uses 10,12,...,20 of 32 blocks for a 7B Llama; this scales that band by depth.
+    """
+    lo = max(1, round(num_layers * 10 / 32))
+    hi = max(lo, round(num_layers * 20 / 32))
+    return list(range(lo, hi + 1, 2))
+
+
+def check_against_model(config: AlignConfig, num_layers: int) -> list[int]:
+    """The target layers, validated against the model's depth."""
+    layers = config.patterns.target_layers or default_target_layers(num_layers)
+    bad = [i for i in layers if not 1 <= i <= num_layers]
+    if bad:
+        raise ConfigError(
+            f"patterns.target_layers {bad} out of range for this model: it has {num_layers} blocks,"
+            f" so valid hidden_states indices are 1..{num_layers}"
+        )
+    return sorted(set(layers))
+
+
+# ---------------------------------------------------------------- dict / YAML / overrides
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, default: Any = None) -> Any:
+    """Build ``cls`` from a partial mapping; keys not given keep ``default``'s values, so a
+    nested section like ``fit.train`` keeps its own stage defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    default = default if default is not None else cls()
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {name: getattr(default, name) for name in names}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = _build(hint_type, value or {}, f"{path}.", getattr(default, key))
+        else:
+            kwargs[key] = _coerce(value, hint_type, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{path} may not be empty")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, path)
+    if origin is list:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path} must be a number, got {value!r}") from None
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            try:
+                return int(str(value))
+            except ValueError:
+                raise ConfigError(f"{path} must be an integer, got {value!r}") from None
+        return value
+    if hint is str:
+        return str(value)
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> AlignConfig:
+    return _build(AlignConfig, data, "")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlignConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+    try:
+        return config_from_dict(apply_overrides(data, overrides or []))
+    except ConfigError as err:
+        if path is not None:
+            raise ConfigError(f"{path}: {err}") from err
+        raise
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every config field, nested keys dotted: the config reference."""
+    return _describe_instance(AlignConfig())
+
+
+def _describe_instance(obj: Any) -> list[tuple[str, Any, str]]:
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += [(f"{f.name}.{k}", v, h) for k, v, h in _describe_instance(value)]
+        else:
+            rows.append((f.name, value, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,244 @@
+"""Evaluation reports: ``report.json`` (every number), ``report.md`` (tables), PNG plots.
+
+``report.json`` is the source of truth; the markdown and the plots are rebuilt from it, and
+``rahf eval compare`` reads only it. Layout (``SCHEMA_VERSION``)::
+
+    settings      the EvalConfig, as given
+    environment   python/torch/transformers/... versions, device, time
+    models        role ("model", "baseline", "reference", "reward_model") -> spec, path, fingerprint
+    data          one entry per file: path, sha256, format, n, invalid-row counts
+    preference    per (pairs file, role): n, accuracy, accuracy_summed, implicit_accuracy, margin
+    reward_model_accuracy  per pairs file: the RM's accuracy and "longer wins" on those pairs
+    generation    per (prompt file, role): behaviour metrics, mean reward, per-reply rewards/lengths
+    comparisons   per prompt file: model vs baseline win rate, LC win rate, mean rewards, W/T/L
+    timing        seconds per stage
+
+An estimate is ``{"value", "low", "high", "n"}`` (95% bootstrap interval).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rahf.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine, for provenance."""
+    import importlib.metadata as metadata
+
+    import torch
+
+    versions = {}
+    for package in ("rahf", "torch", "transformers", "peft", "trl", "datasets", "numpy",
+                    "alt-profanity-check"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "versions": versions,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_report(out: str | Path, report: dict[str, Any], *, plots: bool = True) -> list[Path]:
+    """Write report.json, report.md and (optionally) the PNG plots atomically; return the paths.
+
+    The plot file names are recorded in ``report["plots"]`` (the dict is updated in place).
+    """
+    out = Path(out)
+    written = []
+    if plots:
+        from rahf.evaluate.plots import report_plots
+
+        report["plots"] = []
+        for name, png in report_plots(report).items():
+            atomic_write_bytes(out / name, png)
+            report["plots"].append(name)
+            written.append(out / name)
+    atomic_write_json(out / REPORT_JSON, report)
+    atomic_write_text(out / REPORT_MD, to_markdown(report))
+    return [out / REPORT_JSON, out / REPORT_MD, *written]
+
+
+def read_report(folder: str | Path) -> dict[str, Any]:
+    """The report.json of an evaluation folder (or the file itself)."""
+    from rahf.config import ConfigError
+
+    path = Path(folder)
+    if path.is_dir():
+        path = path / REPORT_JSON
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such report (run `rahf eval ... --out DIR` first)")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg})") from None
+    if report.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(f"{path}: report schema {report.get('schema_version')}, expected {SCHEMA_VERSION}")
+    return report
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def fmt(estimate: dict | None, *, percent: bool = False) -> str:
+    """``0.612 [0.570, 0.655]`` (or percentages), ``-`` for a missing number."""
+    if estimate is None:
+        return "-"
+    if isinstance(estimate, (int, float)):
+        return f"{estimate:.1%}" if percent else f"{estimate:.3g}"
+    scale, pattern = (100, "{:.1f}") if percent else (1, "{:.3f}")
+    text = pattern.format(estimate["value"] * scale)
+    if estimate.get("low") is not None:
+        text += f" [{pattern.format(estimate['low'] * scale)}, {pattern.format(estimate['high'] * scale)}]"
+    return text
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The human-readable tables of a report."""
+    models = report.get("models", {})
+    parts = [f"# Evaluation of `{models.get('model', {}).get('spec', '?')}`", ""]
+    if report.get("preference"):
+        parts += [
+            "## Preference accuracy (held-out pairs, 95% bootstrap CI, %)", "",
+            "Share of pairs where the chosen reply has the higher mean token log-likelihood"
+            " (summed: total log-likelihood). Implicit reward (needs `--reference`):"
+            " (log p(y+) - log p_ref(y+)) - (log p(y-) - log p_ref(y-)), summed log-probs.", "",
+            table(
+                ["data", "model", "pairs", "accuracy (mean log-lik)", "accuracy (summed)",
+                 "implicit-reward accuracy", "mean margin (nats)"],
+                [[e["source"], e["model"], e["n"], fmt(e["accuracy"], percent=True),
+                  fmt(e["accuracy_summed"], percent=True), fmt(e["implicit_accuracy"], percent=True),
+                  fmt(e["margin"])] for e in report["preference"]],
+            ), "",
+        ]
+    if report.get("reward_model_accuracy"):
+        parts += [
+            "## Reward-model accuracy on the pairs (%)", "",
+            table(["data", "pairs", "RM accuracy", "longer reply wins"],
+                  [[e["source"], e["n"], fmt(e["accuracy"], percent=True),
+                    fmt(e["longer_wins_accuracy"], percent=True)] for e in report["reward_model_accuracy"]]),
+            "",
+        ]
+    if report.get("generation"):
+        parts += [
+            "## Generation and behaviour", "",
+            "Refusal rate is measured on harmful-request prompts, over-refusal on benign ones"
+            " (keyword list in `rahf.evaluate.behaviour`).", "",
+            table(
+                ["prompts", "model", "replies", "mean reward", "tokens", "words", "hit limit",
+                 "4-gram repetition", "empty", "refusal (harmful)", "over-refusal (benign)", "offensive"],
+                [[e["source"], e["model"], e["n_replies"], fmt(e.get("mean_reward")),
+                  f"{b['mean_tokens']:.1f}", f"{b['mean_words']:.1f}", _rate(b["hit_limit_rate"]),
+                  _rate(b["repetition_rate"]), _rate(b["empty_rate"]), _rate(b["refusal_rate"]),
+                  _rate(b["over_refusal_rate"]), _rate(b["offensive_rate"])]
+                 for e in report["generation"] for b in [e["behaviour"]]],
+            ), "",
+        ]
+    if report.get("comparisons"):
+        parts += [
+            "## Win rate of the model against the baseline (reward model judge, %)", "",
+            "Ties count 1/2. Length-controlled: logistic fit of the outcome on"
+            " tanh(length difference / sd), read at equal length (AlpacaEval-style).", "",
+            table(
+                ["prompts", "win rate", "length-controlled", "wins / ties / losses",
+                 "mean reward (model)", "mean reward (baseline)"],
+                [[e["source"], fmt(e["win_rate"], percent=True),
+                  fmt(e["length_controlled_win_rate"], percent=True),
+                  f"{e['wins']} / {e['ties']} / {e['losses']}", fmt(e["mean_score"]),
+                  fmt(e["baseline_mean_score"])] for e in report["comparisons"]],
+            ), "",
+        ]
+    parts += ["## Provenance", "",
+              table(["role", "spec", "path", "fingerprint"],
+                    [[role, m["spec"], m["path"], m["fingerprint"][:16]] for role, m in models.items()]),
+              ""]
+    if report.get("data"):
+        parts += [table(["data", "kind", "items", "invalid rows skipped", "sha256"],
+                        [[d["path"], d["kind"], d["n"], sum(d.get("invalid", {}).values()),
+                          (d.get("sha256") or "-")[:16]] for d in report["data"]]), ""]
+    env = report.get("environment", {})
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
+    settings = report.get("settings", {})
+    parts += [
+        f"Seed {settings.get('seed')}, {settings.get('resamples')} bootstrap resamples,"
+        f" device {env.get('device')}, created {env.get('created')}.", "",
+        f"Versions: {versions}.", "",
+        "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timing", {}).items()), "",
+    ]
+    if report.get("plots"):
+        parts += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------ compare
+
+
+def comparison_rows(reports: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per report: the model's accuracy per pairs file and win rates per prompt file."""
+    pref_sources = sorted({e["source"] for r in reports.values() for e in r.get("preference", [])})
+    cmp_sources = sorted({e["source"] for r in reports.values() for e in r.get("comparisons", [])})
+    gen_sources = sorted({e["source"] for r in reports.values() for e in r.get("generation", [])})
+    header = ["report", "model"]
+    header += [f"accuracy: {s}" for s in pref_sources]
+    header += [f"{kind}: {s}" for s in cmp_sources for kind in ("win rate", "LC win rate")]
+    header += [f"mean tokens: {s}" for s in gen_sources]
+    rows = []
+    for label, report in reports.items():
+        pref = {e["source"]: e for e in report.get("preference", []) if e["model"] == "model"}
+        cmp = {e["source"]: e for e in report.get("comparisons", [])}
+        gen = {e["source"]: e for e in report.get("generation", []) if e["model"] == "model"}
+        row = [label, report["models"]["model"]["spec"]]
+        row += [fmt(pref[s]["accuracy"], percent=True) if s in pref else "-" for s in pref_sources]
+        for s in cmp_sources:
+            row += [fmt(cmp[s]["win_rate"], percent=True), fmt(cmp[s]["length_controlled_win_rate"], percent=True)] \
+                if s in cmp else ["-", "-"]
+        row += [f"{gen[s]['behaviour']['mean_tokens']:.1f}" if s in gen else "-" for s in gen_sources]
+        rows.append(row)
+    return header, rows
+
+
+def compare_reports(folders: list[str | Path], out: str | Path | None = None) -> str:
+    """One table (returned as markdown) and, with ``out``, compare.md/compare.json/compare.png."""
+    reports: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        label = Path(folder).resolve().name
+        while label in reports:  # two folders with the same name
+            label += "'"
+        reports[label] = read_report(folder)
+    header, rows = comparison_rows(reports)
+    text = table(header, rows)
+    if out is not None:
+        from rahf.evaluate.plots import compare_plot
+
+        out = Path(out)
+        atomic_write_bytes(out / "compare.png", compare_plot(reports))
+        atomic_write_json(out / "compare.json", {"reports": {k: str(Path(f).resolve()) for k, f in zip(reports, folders, strict=True)},
+                                                  "header": header, "rows": rows})
+        atomic_write_text(out / "compare.md", "# Comparison\n\n" + text + "\n\n![compare](compare.png)\n")
+    return text

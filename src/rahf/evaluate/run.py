@@ -1,0 +1,219 @@
+"""``rahf eval`` as a function: one config in, one report out (the CLI only parses and prints).
+
+    from rahf.evaluate import EvalConfig, run_eval, write_report
+    report = run_eval(EvalConfig(model="smollm2", pairs=["dev.jsonl.gz"], out="eval/smollm2"))
+    write_report("eval/smollm2", report)
+
+Stages, each only when its inputs are given: preference accuracy on every ``pairs`` file (model,
+baseline; implicit reward with ``reference``), the reward model's own accuracy on those pairs,
+generation on every prompt file (model and baseline) with behaviour metrics, reward scores and
+the model-vs-baseline win rates. ``limit`` caps pairs / prompts per file (the first N valid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from rahf.config import ConfigError
+from rahf.data import load_preferences
+from rahf.evaluate.behaviour import behaviour_stats
+from rahf.evaluate.generation import GenerationCache, generate_turns
+from rahf.evaluate.loading import describe, load_for_eval
+from rahf.evaluate.preference import preference_accuracy
+from rahf.evaluate.prompts import load_prompts
+from rahf.evaluate.report import SCHEMA_VERSION, environment
+from rahf.evaluate.reward import compare, load_reward_model, pairwise_accuracy, score_rewards
+from rahf.evaluate.stats import DEFAULT_RESAMPLES, bootstrap
+from rahf.io import atomic_write_text, file_digest
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``rahf eval`` needs; saved verbatim under ``settings`` in report.json."""
+
+    model: str = field(metadata={"help": "model to evaluate: 'smollm2', folder, hub id or adapter folder"})
+    out: str = field(default="eval", metadata={"help": "folder for report.json, report.md, PNGs"})
+    baseline: str | None = field(default=None, metadata={"help": "model to compare against"})
+    reference: str | None = field(default=None, metadata={"help": "reference for DPO implicit rewards"})
+    pairs: list[str] = field(default_factory=list, metadata={"help": "preference data files"})
+    prompts: list[str] = field(default_factory=list, metadata={"help": "prompt files to generate on"})
+    harmful_prompts: list[str] = field(
+        default_factory=list, metadata={"help": "prompt files whose prompts are all harmful requests"}
+    )
+    reward_model: str | None = field(default=None, metadata={"help": "sequence-classification RM"})
+    limit: int | None = field(default=None, metadata={"help": "first N pairs / prompts per file"})
+    skip_invalid: bool = field(default=True, metadata={"help": "skip and count invalid pair rows"})
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    instruction: str | None = field(default=None, metadata={"help": "system prompt for generation"})
+    batch_size: int = 8
+    max_prompt_tokens: int = 256
+    max_reply_tokens: int = field(default=256, metadata={"help": "reply tokens scored per pair"})
+    seed: int = 0
+    resamples: int = DEFAULT_RESAMPLES
+    cache: bool = field(default=True, metadata={"help": "reuse generations from the disk cache"})
+    cache_dir: str | None = field(default=None, metadata={"help": "default: <rahf cache>/generations"})
+    device: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("--model is required (a model name, folder or hub id)")
+        if not (self.pairs or self.prompts or self.harmful_prompts):
+            raise ConfigError("nothing to evaluate: give --pairs FILE and/or --prompts FILE")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        for name in ("max_new_tokens", "batch_size", "max_reply_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens < 8:
+            raise ConfigError(f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ConfigError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        if self.resamples < 0:
+            raise ConfigError(f"resamples must be >= 0, got {self.resamples}")
+
+
+def source_name(path: str) -> str:
+    """A short, readable label for a data file: ``parent/name`` (``hh-harmless/dev.jsonl.gz``)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def _data_entry(path: str, kind: str, n: int, *, format: str = "", invalid: dict | None = None) -> dict:
+    is_file = Path(path).is_file()
+    return {
+        "path": str(Path(path).resolve()) if is_file else path,
+        "source": source_name(path),
+        "kind": kind,
+        "sha256": file_digest(path) if is_file else None,
+        "format": format,
+        "n": n,
+        "invalid": invalid or {},
+    }
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Run every stage the config asks for and return the report dict (see ``report.py``)."""
+    started = time.time()
+    timing: dict[str, float] = {}
+    boot = {"resamples": config.resamples, "seed": config.seed}
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "settings": dataclasses.asdict(config),
+        "environment": environment(),
+        "models": {},
+        "data": [],
+        "preference": [],
+        "reward_model_accuracy": [],
+        "generation": [],
+        "comparisons": [],
+        "timing": timing,
+    }
+    # role -> (model, tokenizer); the baseline is evaluated exactly like the model
+    loaded = {}
+    for role, spec in (("model", config.model), ("baseline", config.baseline)):
+        if spec:
+            model, tokenizer, info = load_for_eval(spec, dtype=config.dtype, device=config.device)
+            loaded[role] = (model, tokenizer, info)
+            report["models"][role] = info.to_dict()
+    reference = None
+    if config.reference:
+        reference = load_for_eval(config.reference, dtype=config.dtype, device=config.device)
+        report["models"]["reference"] = reference[2].to_dict()
+    rm = None
+    if config.reward_model:
+        rm = load_reward_model(config.reward_model, device=config.device)
+        report["models"]["reward_model"] = describe(rm.path).to_dict() | {"spec": config.reward_model}
+    timing["load_models"] = time.time() - started
+
+    t = time.time()
+    for path in config.pairs:
+        data = load_preferences(path, skip_invalid=config.skip_invalid, limit=config.limit)
+        source = source_name(path)
+        report["data"].append(_data_entry(path, "pairs", len(data.pairs), format=data.format, invalid=data.invalid))
+        for role, (model, tokenizer, _) in loaded.items():
+            result = preference_accuracy(
+                model, tokenizer, data.pairs,
+                reference=reference[0] if reference else None,
+                reference_tokenizer=reference[1] if reference else None,
+                batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
+                max_reply_tokens=config.max_reply_tokens, progress=config.progress,
+                desc=f"{role} on {source}", **boot,
+            )
+            report["preference"].append({"source": source, "model": role, **result.to_dict()})
+        if rm is not None:
+            accuracy = pairwise_accuracy(rm, data.pairs, progress=config.progress, **boot)
+            report["reward_model_accuracy"].append({"source": source, **accuracy})
+    timing["preference"] = time.time() - t
+
+    t = time.time()
+    prompt_files = [(p, None) for p in config.prompts] + [(p, True) for p in config.harmful_prompts]
+    generations: list[str] = []
+    cache = GenerationCache(config.cache_dir) if config.cache else None
+    for path, harmful in prompt_files:
+        prompt_set = load_prompts(path, harmful=harmful, limit=config.limit)
+        source = source_name(path)
+        report["data"].append(_data_entry(path, "harmful prompts" if harmful else "prompts",
+                                          len(prompt_set.items), format=prompt_set.format))
+        by_role = {}
+        for role, (model, tokenizer, info) in loaded.items():
+            turns = generate_turns(
+                model, tokenizer, prompt_set.items,
+                max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                batch_size=config.batch_size, instruction=config.instruction, cache=cache,
+                model_id=info.fingerprint, progress=config.progress,
+            )
+            texts = [t.result.text for t in turns]
+            entry: dict[str, Any] = {
+                "source": source,
+                "model": role,
+                "n_items": len(prompt_set.items),
+                "n_replies": len(turns),
+                "behaviour": behaviour_stats(
+                    texts, tokens=[t.result.tokens for t in turns],
+                    hit_limit=[t.result.hit_limit for t in turns],
+                    harmful=[prompt_set.items[t.item_index].harmful for t in turns],
+                ).to_dict(),
+                "lengths_chars": [len(text) for text in texts],
+                "mean_reward": None,
+                "rewards": None,
+            }
+            if rm is not None:
+                rewards = score_rewards(rm, [t.conversation for t in turns], texts,
+                                        batch_size=config.batch_size, progress=config.progress)
+                entry["rewards"] = rewards.tolist()
+                entry["mean_reward"] = bootstrap(rewards, **boot).to_dict()
+            report["generation"].append(entry)
+            by_role[role] = entry
+            generations += [
+                _jsonl_line({"source": source, "model": role, "id": t.item_id, "turn": t.turn,
+                             "prompt": t.conversation[-1]["content"], "reply": t.result.text,
+                             "tokens": t.result.tokens, "hit_limit": t.result.hit_limit})
+                for t in turns
+            ]
+        if rm is not None and "baseline" in by_role:
+            a, b = by_role["model"], by_role["baseline"]
+            result = compare(np.asarray(a["rewards"]), np.asarray(b["rewards"]),
+                             a["lengths_chars"], b["lengths_chars"], **boot)
+            report["comparisons"].append({"source": source, **result.to_dict()})
+    timing["generation"] = time.time() - t
+    if generations:
+        atomic_write_text(Path(config.out) / "generations.jsonl", "".join(generations))
+    timing["total"] = time.time() - started
+    return report
+
+
+def _jsonl_line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"

@@ -1,0 +1,177 @@
+"""Model plumbing, in one place: decoder blocks, layer indices, reply tokens, padding.
+
+Conventions (mixing them up is the classic bug of this method):
+
+- A *layer index* ``l`` is a ``hidden_states`` index as in Hugging Face: 0 is the embedding
+  output and ``l`` in 1..N is the residual stream after decoder block ``l - 1`` (0-based).
+  Config fields (``patterns.target_layers``) use layer indices.
+- We read hidden states with forward hooks on the blocks, not ``output_hidden_states``, because
+  the last ``hidden_states`` entry of many models has the final norm applied and because hooks
+  let a forward pass stop early.
+- Batches are right-padded. Reply token ``t`` of example ``b`` sits at position
+  ``reply_start[b] + t``; ``reply_len[b]`` tokens are real. Patterns are aligned by reply token,
+  so inputs with instructions of different lengths line up row for row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from rahf.data.render import Encoded
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT / DDP wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The stack of blocks without the LM head (``LlamaModel`` inside ``LlamaForCausalLM``)."""
+    base = unwrap(model)
+    inner = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    return inner if isinstance(inner, nn.Module) else base
+
+
+def _blocks_attr(model: nn.Module) -> tuple[nn.Module, str]:
+    dec = decoder(model)
+    n = unwrap(model).config.num_hidden_layers
+    for name, child in dec.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            return dec, name
+    raise ValueError(f"cannot find the {n} decoder blocks of {type(unwrap(model)).__name__}")
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    owner, name = _blocks_attr(model)
+    return getattr(owner, name)
+
+
+def num_layers(model: nn.Module) -> int:
+    return unwrap(model).config.num_hidden_layers
+
+
+def block_of_layer(layer: int) -> int:
+    """0-based block whose output is ``hidden_states[layer]``."""
+    return layer - 1
+
+
+@contextmanager
+def truncated(model: nn.Module, n_blocks: int) -> Iterator[None]:
+    """Run only the first ``n_blocks`` blocks: later blocks cannot change earlier hidden states."""
+    owner, name = _blocks_attr(model)
+    full = getattr(owner, name)
+    setattr(owner, name, nn.ModuleList(list(full)[:n_blocks]))
+    try:
+        yield
+    finally:
+        setattr(owner, name, full)
+
+
+@contextmanager
+def capture_blocks(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record ``hidden_states[l]`` for each layer index in ``layers`` during forward passes."""
+    captured: dict[int, torch.Tensor] = {}
+    blocks = decoder_blocks(model)
+    handles = []
+    for layer in layers:
+
+        def hook(_module, _inputs, output, layer=layer):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(blocks[block_of_layer(layer)].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gather_reply(hidden: torch.Tensor, reply_start: torch.Tensor, reply_width: int) -> torch.Tensor:
+    """(batch, seq, hidden) -> (batch, reply_width, hidden): row t is reply token t.
+
+    Rows past an example's reply are filled from clamped positions; mask them with
+    :func:`reply_mask`.
+    """
+    offsets = torch.arange(reply_width, device=hidden.device)
+    positions = (reply_start[:, None] + offsets[None, :]).clamp(max=hidden.shape[1] - 1)
+    return torch.gather(hidden, 1, positions[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+
+def reply_mask(reply_len: torch.Tensor, reply_width: int) -> torch.Tensor:
+    """(batch, reply_width) bool: True where reply token t exists."""
+    return torch.arange(reply_width, device=reply_len.device)[None, :] < reply_len[:, None]
+
+
+def reply_hidden_states(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    layers: Sequence[int],
+    *,
+    reply_width: int | None = None,
+    truncate: bool = True,
+) -> torch.Tensor:
+    """Hidden states at ``layers`` over reply tokens: (layers, batch, reply_width, hidden).
+
+    With ``truncate`` the pass runs the blocks only up to the highest requested layer and the LM
+    head on one position.
+    """
+    width = int(batch["reply_len"].max()) if reply_width is None else reply_width
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with capture_blocks(model, layers) as captured:
+        if truncate:
+            # Through the top-level model (so DDP/PEFT wrappers see the call), with the head
+            # computed for one position only.
+            with truncated(model, max(layers)):
+                model(**inputs, use_cache=False, logits_to_keep=1)
+        else:
+            model(**inputs, use_cache=False)
+    return torch.stack([gather_reply(captured[layer], batch["reply_start"], width) for layer in layers])
+
+
+def pad_batch(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into tensors, with reply positions and lengths."""
+    lengths = [len(e.prompt_ids) + len(e.reply_ids) for e in examples]
+    width = max(lengths)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
+        input_ids[row, :length] = torch.tensor(example.prompt_ids + example.reply_ids)
+        attention_mask[row, :length] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "reply_start": torch.tensor([len(e.prompt_ids) for e in examples]),
+        "reply_len": torch.tensor([len(e.reply_ids) for e in examples]),
+    }
+
+
+def reply_token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probability of each reply token given everything before it: (batch, reply_width).
+
+    Entries past an example's reply are 0.
+    """
+    width = int(batch["reply_len"].max())
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    # The token at position p is predicted by the logits at p - 1.
+    predicting = gather_reply(logits, batch["reply_start"] - 1, width).float()
+    tokens = torch.gather(
+        batch["input_ids"],
+        1,
+        (batch["reply_start"][:, None] + torch.arange(width, device=logits.device)[None, :]).clamp(
+            max=batch["input_ids"].shape[1] - 1
+        ),
+    )
+    logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return logprobs * reply_mask(batch["reply_len"], width)

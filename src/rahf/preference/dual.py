@@ -1,0 +1,87 @@
+"""Step 1b, Dual: supervised fine-tuning on chosen replies (preferred) and on rejected ones
+(dispreferred), loss on reply tokens only.
+
+By default both are LoRA adapters on the one frozen base (``dual_storage: adapters``);
+``full-copies`` also writes each merged into a full copy, the reference code's layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rahf.config import AlignConfig
+from rahf.data.render import Encoded, encode
+from rahf.data.schema import PreferencePair
+from rahf.models import load_model
+from rahf.plumbing import pad_batch
+from rahf.training import (
+    GuardedTrainer,
+    LossLogCallback,
+    add_lora,
+    save_trained,
+    train_resumably,
+    training_arguments,
+)
+
+Side = Literal["preferred", "dispreferred"]
+
+
+def sft_examples(
+    pairs: Sequence[PreferencePair], tokenizer, config: AlignConfig, side: Side
+) -> list[Encoded]:
+    """(prompt, reply) with no instruction: chosen replies for preferred, rejected for dispreferred."""
+    return [
+        encode(
+            tokenizer,
+            pair.prompt,
+            pair.chosen if side == "preferred" else pair.rejected,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_reply_tokens=config.reply_window,
+        )
+        for pair in pairs
+    ]
+
+
+class ReplyOnlyCollator:
+    """Pads a batch; labels are -100 everywhere but on reply tokens."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        batch = pad_batch(examples, self.pad_id)
+        positions = torch.arange(batch["input_ids"].shape[1])[None, :]
+        start = batch["reply_start"][:, None]
+        is_reply = (positions >= start) & (positions < start + batch["reply_len"][:, None])
+        labels = torch.where(is_reply, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def train_side(
+    config: AlignConfig,
+    pairs: Sequence[PreferencePair],
+    tokenizer,
+    side: Side,
+    out: Path,
+) -> list[dict]:
+    """Fine-tune one side and save it under ``out``; returns the training log."""
+    model = load_model(config.model, dtype=config.dtype, device=config.device)
+    if not config.step1.full_finetune:
+        model = add_lora(model, config.step1.lora)
+    log = LossLogCallback()
+    trainer = GuardedTrainer(
+        model=model,
+        args=training_arguments(config, config.step1.train, out / "checkpoints", stage=f"step1-{side}"),
+        train_dataset=sft_examples(pairs, tokenizer, config, side),
+        data_collator=ReplyOnlyCollator(tokenizer.pad_token_id),
+        callbacks=[log],
+    )
+    trainer.stage = f"step1 ({side})"
+    train_resumably(trainer)
+    merged = config.step1.dual_storage == "full-copies"
+    save_trained(model, out, merged=merged or config.step1.full_finetune, tokenizer=tokenizer)
+    return log.records

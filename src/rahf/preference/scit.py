@@ -1,0 +1,107 @@
+"""Step 1a, SCIT: contrastive instruction tuning of one model.
+
+Every pair gives two examples, (I+, x, y+) and (I-, x, y-). For an example (I, x, y) with the
+other instruction I', and l(y | I, x) the mean log-likelihood of the reply tokens:
+
+    loss = -l(y | I, x)                                   # LM term
+           - (1 - eps) * log(p / (p + q)) - eps * log(q / (p + q))   # contrastive term
+    with p = exp l(y | I, x), q = exp l(y | I', x)
+
+averaged over the batch. Both likelihoods use the reply tokens of their own input (the reference
+code shifts labels by the instruction-length difference instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rahf.config import AlignConfig
+from rahf.data.render import Encoded, encode
+from rahf.data.schema import PreferencePair
+from rahf.models import load_model
+from rahf.plumbing import pad_batch, reply_token_logprobs
+from rahf.training import (
+    GuardedTrainer,
+    LossLogCallback,
+    add_lora,
+    save_trained,
+    train_resumably,
+    training_arguments,
+)
+
+
+@dataclass(frozen=True)
+class SCITExample:
+    matching: Encoded  # reply under the instruction it exemplifies
+    swapped: Encoded  # the same reply under the other instruction
+
+
+def scit_examples(pairs: Sequence[PreferencePair], tokenizer, config: AlignConfig) -> list[SCITExample]:
+    good, bad = config.preferred_instruction, config.dispreferred_instruction
+    windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": config.reply_window}
+    examples = []
+    for pair in pairs:
+        for reply, own, other in ((pair.chosen, good, bad), (pair.rejected, bad, good)):
+            examples.append(
+                SCITExample(
+                    encode(tokenizer, pair.prompt, reply, instruction=own, **windows),
+                    encode(tokenizer, pair.prompt, reply, instruction=other, **windows),
+                )
+            )
+    return examples
+
+
+def scit_loss(matching: torch.Tensor, swapped: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """SCIT loss from mean reply log-likelihoods under the matching and the swapped instruction.
+
+    log(p / (p + q)) = l_m - logsumexp(l_m, l_s); (batch,) inputs, scalar output.
+    """
+    both = torch.stack([matching, swapped], dim=-1)
+    log_norm = torch.logsumexp(both, dim=-1)
+    contrastive = -(1 - label_smoothing) * (matching - log_norm) - label_smoothing * (swapped - log_norm)
+    return (-matching + contrastive).mean()
+
+
+class SCITCollator:
+    """Batch is [matching examples..., swapped examples...] in one padded tensor."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: Sequence[SCITExample]) -> dict[str, torch.Tensor]:
+        return pad_batch([e.matching for e in examples] + [e.swapped for e in examples], self.pad_id)
+
+
+class SCITTrainer(GuardedTrainer):
+    label_smoothing = 0.2
+
+    def stage_loss(self, model, inputs: dict) -> torch.Tensor:
+        logprobs = reply_token_logprobs(model, inputs)  # (2 * batch, reply_width)
+        mean = logprobs.sum(dim=1) / inputs["reply_len"].clamp(min=1)
+        matching, swapped = mean.chunk(2)
+        return scit_loss(matching, swapped, self.label_smoothing)
+
+
+def train_scit(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> list[dict]:
+    """Train M_s and save it under ``out``: the adapter (LoRA) and always the merged weights,
+    which step 3 puts its own adapter on."""
+    model = load_model(config.model, dtype=config.dtype, device=config.device)
+    if not config.step1.full_finetune:
+        model = add_lora(model, config.step1.lora)
+    log = LossLogCallback()
+    trainer = SCITTrainer(
+        model=model,
+        args=training_arguments(config, config.step1.train, out / "checkpoints", stage="step1-scit"),
+        train_dataset=scit_examples(pairs, tokenizer, config),
+        data_collator=SCITCollator(tokenizer.pad_token_id),
+        callbacks=[log],
+    )
+    trainer.stage = "step1 (scit)"
+    trainer.label_smoothing = config.step1.label_smoothing
+    train_resumably(trainer)
+    save_trained(model, out, merged=True, tokenizer=tokenizer)
+    return log.records
