@@ -3,21 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from rahf.data.schema import DataError
 from rahf.evaluate.generation import GenerationCache, generate, generate_turns
 from rahf.evaluate.prompts import load_prompts
 from rahf.testing import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I boil an egg?"}],

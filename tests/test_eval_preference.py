@@ -8,15 +8,6 @@ from rahf.data.schema import PreferencePair
 from rahf.evaluate.preference import preference_accuracy
 from rahf.testing import tiny_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 PAIRS = [
     PreferencePair(({"role": "user", "content": q},), chosen, rejected)
     for q, chosen, rejected in [

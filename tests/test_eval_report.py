@@ -2,22 +2,12 @@
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from rahf.cli import main
 from rahf.evaluate.report import compare_reports, read_report, to_markdown, write_report
 from rahf.testing import save_tiny, tiny_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def estimate(value, n=10):

@@ -12,15 +12,6 @@ from rahf.evaluate.reward_model import RewardModelConfig, train_reward_model
 from rahf.testing import save_tiny, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_tiny_rm(path):
     """A tiny random sequence-classification reward model folder."""
     save_tiny(path / "lm")

@@ -22,7 +22,14 @@ from rahf.patterns import (
     pattern_passes,
     pattern_replies,
 )
-from rahf.plumbing import capture_blocks, decoder_blocks, gather_reply, pad_batch, reply_hidden_states, reply_mask
+from rahf.plumbing import (
+    capture_blocks,
+    decoder_blocks,
+    gather_reply,
+    pad_batch,
+    reply_hidden_states,
+    reply_mask,
+)
 from rahf.preference.scit import scit_loss
 from rahf.testing import save_tiny, tiny_tokenizer
 from rahf.training import add_lora

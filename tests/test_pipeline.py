@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,24 +13,16 @@ import torch
 
 from rahf.config import ConfigError, load_config
 from rahf.pipeline import align
-from rahf.testing import save_tiny
+from rahf.testing import save_tiny, write_toy_pairs
 from rahf.training import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_pairs(path: Path, n: int = 24) -> Path:
-    with open(path, "w") as handle:
-        for i in range(n):
-            row = {"prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.", "rejected": f"Maybe {i + 7}, who cares."}
-            handle.write(json.dumps(row) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    return save_tiny(root / "tiny", layers=4), write_pairs(root / "pairs.jsonl")
+    return save_tiny(root / "tiny", layers=4), write_toy_pairs(root / "pairs.jsonl", 24)
 
 
 def tiny_config(model, data, run_dir, *extra):
@@ -161,25 +151,7 @@ def _align_cmd(model_dir, data, run_dir, *extra):
     ]
 
 
-def test_killed_run_resumes_from_checkpoint(setup, tmp_path):
-    model_dir, data = setup
-    run_dir = tmp_path / "run"
-    cmd = _align_cmd(model_dir, data, run_dir, "--set", "step1.train.max_steps=2", "--set", "fit.train.max_steps=12", "--set", "save_steps=3")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    checkpoints = run_dir / "fit" / "checkpoints"
-    while time.time() < deadline and not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "fit" / "DONE.json").exists()
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "skipping step1_preferred" in rerun.stdout
-    assert "resuming from" in rerun.stdout and "checkpoint-" in rerun.stdout
-    assert (run_dir / "final" / "adapter" / "adapter_config.json").is_file()
+# Kill-and-rerun at seven points, SIGTERM and corrupted files: tests/reliability/.
 
 
 def test_accelerate_two_processes(setup, tmp_path):

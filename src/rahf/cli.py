@@ -1,20 +1,26 @@
 """The ``rahf`` command: a thin dispatcher over per-feature command modules.
 
 Each module in ``COMMAND_MODULES`` has ``register(subparsers)`` which adds its sub-commands and
-sets ``func`` on them. User errors (bad data, bad config, bad model name) print one line and exit
-with status 2; tracebacks only appear with ``--debug``.
+sets ``func`` on them. Errors print one line (``rahf: error: ...``) and no traceback unless
+``--debug``: user errors (bad data, bad config, bad model name, a run folder that cannot be
+written) exit 2; a run that cannot go on (NaN loss, full disk) exits 1; SIGINT / SIGTERM exit
+130 / 143, after training has saved a checkpoint, with a note on how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import signal
 import sys
+import threading
 
 COMMAND_MODULES = [
     "rahf.data.commands",
     "rahf.commands",
     "rahf.evaluate.commands",
+    "rahf.baselines.commands",
 ]
 
 
@@ -23,7 +29,60 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from rahf.data.schema import DataError
     from rahf.models import ModelError
 
-    return (DataError, ConfigError, ModelError, FileNotFoundError, PermissionError)
+    return (DataError, ConfigError, ModelError, FileNotFoundError, PermissionError, NotADirectoryError)
+
+
+def run_error_types() -> tuple[type[BaseException], ...]:
+    """Errors of a run that cannot go on; the message says where it stopped."""
+    from rahf.target_cache import CacheError
+    from rahf.training import TrainingError
+
+    return (TrainingError, CacheError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so ``finally`` blocks and atomic writes clean up."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (YAML and library errors come with several)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space, then rerun the same command: finished stages and checkpoints are kept",
+    errno.EROFS: "the file system is read-only: choose another --run-dir",
+    errno.EACCES: "no permission to write there: choose another --run-dir",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another --run-dir",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    where = f" ({err.filename})" if getattr(err, "filename", None) and str(err.filename) not in str(err.strerror) else ""
+    hint = _OS_HINTS.get(err.errno or 0)
+    return f"{one_line(err) if err.strerror is None else err.strerror}{where}" + (f"; {hint}" if hint else "")
+
+
+def _close_progress_bars() -> None:
+    """Close progress bars an error cut short, so the message starts on a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", [])):
+        bar.close()
+
+
+def _say(message: str) -> None:
+    _close_progress_bars()
+    print(message, file=sys.stderr, flush=True)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    return "; finished stages and checkpoints are kept: rerun the same command to resume" if hasattr(args, "run_dir") else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,22 +103,39 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         result = args.func(args)
-    except KeyboardInterrupt:
-        print("rahf: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        if args.debug:
+            raise
+        name = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+        _say(f"rahf: interrupted by {name}{_resume_hint(args)}")
+        return 143 if isinstance(err, Terminated) else 130
     except user_error_types() as err:
         if args.debug:
             raise
-        print(f"rahf: error: {err}", file=sys.stderr)
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno is not None:
+            _say(f"rahf: error: {os_error_line(err)}")
+        else:
+            _say(f"rahf: error: {one_line(err)}")
         return 2
+    except run_error_types() as err:
+        if args.debug:
+            raise
+        interrupted = hasattr(err, "exit_code")  # TrainingInterrupted: not an error, a pause
+        _say(f"rahf: {'' if interrupted else 'error: '}{one_line(err)}")
+        return getattr(err, "exit_code", 1)
     except OSError as err:
         if args.debug:
             raise
-        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        print(f"rahf: error: {err.strerror or err}{where}", file=sys.stderr)
+        _say(f"rahf: error: {os_error_line(err)}")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
 
 

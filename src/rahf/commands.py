@@ -61,11 +61,12 @@ def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from rahf.pipeline import align, plan
+    from rahf.pipeline import align, format_plan, plan
 
     config = config_from_args(args)
     if args.dry_run:
-        print(json.dumps(plan(config), indent=2))
+        steps = plan(config)
+        print(json.dumps(steps, indent=2) if args.json else format_plan(steps))
         return 0
     align(config, overwrite=args.overwrite)
     return 0
@@ -103,6 +104,7 @@ def register(subparsers) -> None:
     add_align_arguments(align)
     align.add_argument("--overwrite", action="store_true", help="delete an existing run in --run-dir first")
     align.add_argument("--dry-run", action="store_true", help="validate data and config, print the plan, exit")
+    align.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     align.set_defaults(func=cmd_align)
 
     config = subparsers.add_parser(

@@ -74,25 +74,46 @@ def plot_losses(logs: dict[str, list[dict]], path: Path) -> None:
     tmp.replace(path)
 
 
-def model_card(config: AlignConfig, *, layers: list[int], base: str, data_stats: dict, logs: dict, metrics: dict) -> str:
-    last = {stage: records[-1]["loss"] for stage, records in logs.items() if records}
-    steps = {stage: records[-1]["step"] for stage, records in logs.items() if records}
-    rows = "\n".join(f"| {stage} | {steps[stage]} | {last[stage]:.4f} |" for stage in last)
-    metric_rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items()) or "| (none) | |"
+def model_card(
+    config: AlignConfig,
+    *,
+    title: str,
+    summary: str,
+    settings: str,
+    base: str,
+    data_stats: dict,
+    logs: dict,
+    has_adapter: bool = True,
+    tags: tuple[str, ...] = (),
+) -> str:
+    """The ``README.md`` of a final folder: what was trained, from what, on what, how it ended.
+
+    Shared by RAHF and the baselines so every method's card reads the same.
+    """
+    import peft
+    import torch
+    import transformers
+
+    last = {stage: records[-1] for stage, records in logs.items() if records}
+    rows = "\n".join(f"| {stage} | {r['step']} | {r['loss']:.4f} |" for stage, r in last.items())
+    files = (
+        f"- `adapter/`: LoRA adapter; its base weights are `{base}`\n"
+        "- `merged/`: the adapter merged into those weights (plain transformers model)"
+        if has_adapter
+        else "- `merged/`: the fine-tuned weights (plain transformers model)"
+    )
     return f"""---
-library_name: peft
+library_name: {"peft" if has_adapter else "transformers"}
 base_model: {base}
-tags: [rahf, representation-engineering, alignment, lora]
+tags: [{", ".join(("rahf", *tags))}]
 license: apache-2.0
 ---
 
-# RAHF-{config.method.upper()} adapter
+# {title}
 
-Aligned with [rahf](https://pypi.org/project/rahf/) (Representation Alignment from Human
-Feedback, method **{config.method}**) from `{config.model}`.
+{summary} Trained with [rahf](https://pypi.org/project/rahf/) from `{config.model}`.
 
-- `adapter/`: LoRA adapter; its base weights are `{base}`
-- `merged/`: the adapter merged into those weights (plain transformers model)
+{files}
 
 ```python
 from transformers import AutoModelForCausalLM
@@ -100,20 +121,17 @@ model = AutoModelForCausalLM.from_pretrained("merged")
 ```
 
 ## Data
-`{config.data}` — {data_stats.get('train', '?')} training pairs, {data_stats.get('validation', '?')} validation pairs
-(format: {data_stats.get('format', '?')}).
+`{config.data}`: {data_stats.get('train', '?')} training pairs, {data_stats.get('validation', '?')} validation pairs
+(format: {data_stats.get('format', '?')}); prompts cut to {config.max_prompt_tokens} tokens, replies to {config.reply_window}.
 
 ## Settings
-target layers (hidden_states indices) {layers}, alpha {config.patterns.alpha}, patterns on
-`{config.pattern_reply}` replies, seed {config.seed}. Full configuration: `config.yaml`.
+{settings} Seed {config.seed}. Full configuration: `config.yaml`.
+Versions: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}.
 
 ## Training
 | stage | steps | final loss |
 |---|---|---|
 {rows}
 
-## Metrics
-| metric | value |
-|---|---|
-{metric_rows}
+Per-step logs: `metrics.jsonl`; loss curves: `loss.png`.
 """

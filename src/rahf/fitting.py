@@ -13,13 +13,22 @@ max(L) - 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch.utils.data import Sampler
 
-from rahf.patterns import FitExample, FrozenModels, FrozenPass, build_targets, collate_roles, frozen_patterns
+from rahf.patterns import (
+    ROLES,
+    FitExample,
+    FrozenModels,
+    FrozenPass,
+    build_targets,
+    collate_roles,
+    frozen_patterns,
+)
 from rahf.plumbing import gather_reply, reply_hidden_states, reply_mask
-from rahf.target_cache import TargetCache
+from rahf.target_cache import CacheDType, TargetCache
 from rahf.training import GuardedTrainer
 
 
@@ -59,10 +68,60 @@ class FitCollator:
         return batch
 
 
+def example_length(example: FitExample) -> int:
+    """Padding key of an example: its longest input over the roles (frozen passes pad each role)."""
+    return max(len(example.inputs[role].input_ids) for role in ROLES)
+
+
+def length_grouped_order(
+    lengths: Sequence[int], group_size: int, generator: torch.Generator, *, mega_groups: int = 50
+) -> list[int]:
+    """A random order in which each run of ``group_size`` indices has similar lengths.
+
+    A random permutation is cut into mega-batches of ``mega_groups`` groups, each sorted by
+    length and cut into groups; the groups are then shuffled, and the one holding the longest
+    example goes first so a run that does not fit in memory fails at its first step. (Trainer's
+    own helper sizes mega-batches for large sets and groups nothing on sets of a few batches.)
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    mega = group_size * mega_groups
+    groups = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        groups += [chunk[i : i + group_size] for i in range(0, len(chunk), group_size)]
+    groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+    if groups:
+        longest = max(range(len(groups)), key=lambda g: max(lengths[i] for i in groups[g]))
+        groups.insert(0, groups.pop(longest))
+    return [i for group in groups for i in group]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """:func:`length_grouped_order` with a new seeded draw each epoch.
+
+    The generator is seeded with ``seed + epoch`` (the Trainer calls ``set_epoch``), so a run
+    resumed from a checkpoint sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, lengths: Sequence[int], group_size: int, *, seed: int) -> None:
+        self.lengths, self.group_size, self.seed, self.epoch = list(lengths), group_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(length_grouped_order(self.lengths, self.group_size, generator))
+
+
 class FitTrainer(GuardedTrainer):
     """Trainer whose loss is :func:`fitting_loss`; the active adapter is the one being fitted."""
 
     stage = "fit"
+    group_by_length = False  # set by setup_fit; read when the train dataloader is built
 
     def setup_fit(
         self,
@@ -75,9 +134,21 @@ class FitTrainer(GuardedTrainer):
         truncate: bool,
         batch_frozen: bool,
         kl_weight: float,
+        group_by_length: bool = False,
     ) -> None:
         self.layers, self.alpha, self.passes, self.frozen = list(layers), alpha, passes, frozen
         self.pad_id, self.truncate, self.batch_frozen, self.kl_weight = pad_id, truncate, batch_frozen, kl_weight
+        self.group_by_length = group_by_length
+
+    def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
+        """With ``group_by_length``, batches of similar length (our items are FitExamples, which
+        Trainer's own length grouping cannot measure); otherwise Trainer's random sampler."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler([example_length(e) for e in dataset], group, seed=seed)
 
     def targets(self, inputs: dict) -> torch.Tensor:
         if "targets" in inputs:
@@ -138,8 +209,16 @@ def load_fit_model(config, base_path: str, step1: dict[str, str], layers: Sequen
     return model, FrozenModels(model, copies)
 
 
-def compute_cache(trainer: FitTrainer, examples: Sequence[FitExample], folder, *, batch_size: int) -> None:
-    """Run the frozen passes once over every example and write the targets to ``folder``."""
+def compute_cache(
+    trainer: FitTrainer,
+    examples: Sequence[FitExample],
+    folder,
+    *,
+    batch_size: int,
+    dtype: CacheDType = "bfloat16",
+) -> None:
+    """Run the frozen passes once over every example and write the targets to ``folder``
+    (stored as ``dtype``: ``fit.cache_dtype``)."""
     from tqdm.auto import tqdm
 
     from rahf.target_cache import write_cache
@@ -156,4 +235,4 @@ def compute_cache(trainer: FitTrainer, examples: Sequence[FitExample], folder, *
 
     model = trainer.model
     hidden = model.config.hidden_size if hasattr(model, "config") else None
-    write_cache(folder, chunks(), layers=len(trainer.layers), hidden=hidden)
+    write_cache(folder, chunks(), layers=len(trainer.layers), hidden=hidden, dtype=dtype)

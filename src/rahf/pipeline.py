@@ -1,15 +1,18 @@
 """The spine: data -> step 1 (SCIT or Dual) -> step 2 patterns / targets -> step 3 fit -> export.
 
 Each stage writes into ``RUN_DIR/<stage>/`` and finishes by writing ``DONE.json`` (sizes and
-checksums of its files). Rerunning the same command skips finished stages, resumes an
-interrupted training stage from its newest checkpoint, and refuses to mix runs of different
-configurations in one folder.
+checksums of its files, and a digest of the earlier stages' outputs it was built from).
+Rerunning the same command skips finished stages, redoes a stage whose files or inputs changed,
+resumes an interrupted training stage from its newest complete checkpoint, and refuses to mix
+runs of different configurations in one folder. RELIABILITY.md lists the faults this survives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,9 +24,13 @@ from rahf.data.schema import DataError
 from rahf.io import (
     atomic_write_json,
     atomic_write_text,
-    file_digest,
+    check_writable_dir,
     folder_manifest,
+    inject_fault,
     is_main_process,
+    manifest_problem,
+    read_marker,
+    remove_stale_temps,
     wait_for_everyone,
 )
 from rahf.models import model_config, resolve_model_path
@@ -34,50 +41,74 @@ _COSMETIC = {"report_to", "logging_steps", "run_dir", "device"}
 
 
 class RunDir:
+    """A run folder: one sub-folder per stage, each finished by a verified ``DONE.json``.
+
+    ``finished`` lists the stages this invocation found done or completed, in pipeline order; a
+    stage's marker records a digest of their files (logs aside), so a stage built from outputs
+    that have since changed is redone from scratch (``stale``) instead of silently reused.
+    """
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.finished: list[str] = []
+        self.stale: set[str] = set()
 
     def stage(self, name: str) -> Path:
         return self.root / name
 
+    def _upstream(self, name: str) -> str:
+        """Digest of the outputs of the stages finished before ``name`` (logs do not count:
+        a resumed run logs averages over different windows)."""
+        summary = {}
+        for stage in self.finished:
+            if stage != name:
+                files = (read_marker(self.stage(stage) / "DONE.json") or {}).get("files", {})
+                summary[stage] = {k: v for k, v in files.items() if k != "log.json"}
+        return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+
     def is_done(self, name: str) -> bool:
-        marker = self.stage(name) / "DONE.json"
-        if not marker.is_file():
+        marker_path = self.stage(name) / "DONE.json"
+        if not marker_path.exists():
             return False
-        try:
-            recorded = json.loads(marker.read_text())["files"]
-        except (json.JSONDecodeError, KeyError):
-            print(f"rahf: {marker} is unreadable; redoing stage {name}")
+        marker = read_marker(marker_path)
+        problem = f"{marker_path} is unreadable" if marker is None else manifest_problem(self.stage(name), marker.get("files"))
+        if problem:
+            print(f"rahf: {problem}; redoing stage {name}")
             return False
-        for rel, meta in recorded.items():
-            path = self.stage(name) / rel
-            if not path.is_file() or path.stat().st_size != meta["size"] or (
-                meta.get("sha256") and file_digest(path) != meta["sha256"]
-            ):
-                print(f"rahf: {path} is missing or changed since stage {name} finished; redoing it")
-                return False
+        if "upstream" in marker and marker["upstream"] != self._upstream(name):
+            print(f"rahf: the outputs stage {name} was built from have changed since it finished; redoing it from scratch")
+            self.stale.add(name)
+            return False
         return True
 
     def mark_done(self, name: str, extra: dict | None = None) -> None:
         files = folder_manifest(self.stage(name))
         files = {k: v for k, v in files.items() if not k.startswith("checkpoints/")}
-        atomic_write_json(self.stage(name) / "DONE.json", {"stage": name, "finished": time.time(), "files": files, **(extra or {})})
+        inject_fault(f"done:{name}", self.stage(name) / "DONE.json")
+        atomic_write_json(
+            self.stage(name) / "DONE.json",
+            {"stage": name, "finished": time.time(), "files": files, "upstream": self._upstream(name), **(extra or {})},
+        )
 
     def check_config(self, config: AlignConfig, *, overwrite: bool) -> None:
         """Save the config; a rerun must use the same one (cosmetic fields aside)."""
         path = self.root / "config.json"
         current = {k: v for k, v in asdict(config).items() if k not in _COSMETIC}
-        if path.is_file() and not overwrite:
-            saved = json.loads(path.read_text())
+        if path.exists() and not overwrite:
+            saved = read_marker(path)
+            if saved is None:
+                raise ConfigError(
+                    f"{path} is unreadable, so this run's configuration cannot be compared:"
+                    " restore it, use another --run-dir, or --overwrite to start again"
+                )
             changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             if changed:
                 raise ConfigError(
                     f"{self.root} holds a run with a different configuration ({', '.join(changed)} differ):"
                     " use another --run-dir, or --overwrite to start again"
                 )
+        check_writable_dir(self.root)
         if overwrite and self.root.exists() and is_main_process():
-            import shutil
-
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, current)
@@ -85,12 +116,20 @@ class RunDir:
 
 
 def run_stage(
-    run: RunDir, name: str, work: Callable[[Path], dict | None], *, log: dict[str, list], main_only: bool = False
+    run: RunDir,
+    name: str,
+    work: Callable[[Path], dict | None],
+    *,
+    log: dict[str, list],
+    main_only: bool = False,
+    seed: int | None = None,
 ) -> dict:
     """Run ``work(stage_dir)`` unless the stage is done; keep its training log for export.
 
     Training stages run on every process of a distributed run (only rank 0 writes files);
-    ``main_only`` stages run on rank 0 while the others wait.
+    ``main_only`` stages run on rank 0 while the others wait. ``seed`` reseeds every RNG before
+    the work, so a stage run in a resumed process initialises (e.g. its LoRA) exactly as in an
+    uninterrupted one, whatever earlier stages drew.
     """
     folder = run.stage(name)
     log_path = folder / "log.json"
@@ -98,10 +137,20 @@ def run_stage(
     if run.is_done(name):
         print(f"rahf: skipping {name} (already done in {folder})")
         log[name] = json.loads(log_path.read_text()) if log_path.is_file() else []
-        return json.loads((folder / "DONE.json").read_text()).get("result", {})
+        run.finished.append(name)
+        return (read_marker(folder / "DONE.json") or {}).get("result", {})
+    inject_fault(f"stage:{name}")
+    if name in run.stale and is_main_process():
+        shutil.rmtree(folder, ignore_errors=True)  # its checkpoints came from the old inputs
+    wait_for_everyone()
     print(f"rahf: stage {name} ...")
     start = time.time()
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
     result = (work(folder) if is_main_process() or not main_only else None) or {}
     wait_for_everyone()
     records = result.pop("log", [])
@@ -109,6 +158,7 @@ def run_stage(
     log[name] = records
     result["seconds"] = round(time.time() - start, 1)
     run.mark_done(name, {"result": result})
+    run.finished.append(name)
     print(f"rahf: {name} done in {result['seconds']} s")
     return result
 
@@ -157,6 +207,7 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
 
     run = RunDir(config.run_dir)
     layers = target_layers(config)  # validate before any work
+    preflight(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
@@ -165,7 +216,7 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
     tokenizer = load_tokenizer(config.model)
     log: dict[str, list] = {}
 
-    data_stats = run_stage(run, "data", lambda out: prepare_data(config, out), log=log)
+    data_stats = run_stage(run, "data", lambda out: prepare_data(config, out), log=log, seed=config.seed)
     train = read_pairs(run.stage("data") / "train.jsonl")
 
     # Step 1: teach the model what is preferred.
@@ -173,18 +224,24 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
     if config.method == "scit":
         from rahf.preference.scit import train_scit
 
-        run_stage(run, "step1", lambda out: {"log": train_scit(config, train, tokenizer, out)}, log=log)
+        run_stage(run, "step1", lambda out: {"log": train_scit(config, train, tokenizer, out)}, log=log, seed=config.seed)
     else:
         from rahf.preference.dual import train_side
 
         for side in ("preferred", "dispreferred"):
             name = f"step1_{side}"
-            run_stage(run, name, lambda out, side=side: {"log": train_side(config, train, tokenizer, side, out)}, log=log)
+            run_stage(
+                run, name, lambda out, side=side: {"log": train_side(config, train, tokenizer, side, out)},
+                log=log, seed=config.seed,
+            )
             step1_dirs[side] = str(run.stage(name))
 
     # Steps 2 and 3: patterns, targets, and the fitted adapter.
     base = base_weights(config, run)
-    run_stage(run, "fit", lambda out: fit_stage(config, run, train, tokenizer, layers, base, step1_dirs, out), log=log)
+    run_stage(
+        run, "fit", lambda out: fit_stage(config, run, train, tokenizer, layers, base, step1_dirs, out),
+        log=log, seed=config.seed,
+    )
 
     def export(out: Path) -> dict:
         from rahf.export import model_card, write_adapter, write_logs, write_merged
@@ -193,7 +250,14 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
         write_merged(out / "adapter", out / "merged", tokenizer)
         write_logs(log, out)
         config.save(out / "config.yaml")
-        card = model_card(config, layers=layers, base=base, data_stats=data_stats, logs=log, metrics={})
+        card = model_card(
+            config,
+            title=f"RAHF-{config.method.upper()} adapter",
+            summary=f"Aligned by representation engineering (RAHF, method **{config.method}**).",
+            settings=f"Target layers (hidden_states indices) {layers}, alpha {config.patterns.alpha}, patterns on"
+            f" `{config.pattern_reply}` replies; fitting LoRA r={config.fit.lora.r} on {config.fit.lora.target_modules}.",
+            base=base, data_stats=data_stats, logs=log, tags=("representation-engineering", "alignment", "lora"),
+        )
         atomic_write_text(out / "README.md", card)
         return {}
 
@@ -205,7 +269,7 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
 def fit_stage(config, run: RunDir, train, tokenizer, layers, base: str, step1_dirs, out: Path) -> dict:
     from rahf.fitting import FitCollator, FitTrainer, compute_cache, load_fit_model
     from rahf.patterns import fit_examples, pattern_passes
-    from rahf.target_cache import TargetCache
+    from rahf.target_cache import CacheError, TargetCache
     from rahf.training import LossLogCallback, save_trained, train_resumably, training_arguments
 
     model, frozen = load_fit_model(config, base, step1_dirs, layers)
@@ -227,24 +291,98 @@ def fit_stage(config, run: RunDir, train, tokenizer, layers, base: str, step1_di
     )
     if config.fit.targets == "cached":
         cache_dir = run.stage("targets")
-        if not run.is_done("targets") and is_main_process():
-            compute_cache(trainer, examples, cache_dir, batch_size=config.fit.train.batch_size)
-            run.mark_done("targets")
-        wait_for_everyone()
-        trainer.data_collator = FitCollator(tokenizer.pad_token_id, TargetCache(cache_dir))
+
+        def build_cache() -> None:
+            if is_main_process():
+                compute_cache(trainer, examples, cache_dir, batch_size=config.fit.train.batch_size)
+                run.mark_done("targets")
+            wait_for_everyone()
+
+        if not run.is_done("targets"):  # missing, cut off, or a file fails its checksum: recompute
+            build_cache()
+        try:
+            cache = TargetCache(cache_dir)
+        except CacheError as err:  # a marker from an older layout that the cache itself rejects
+            print(f"rahf: {err}; recomputing the target cache")
+            build_cache()
+            cache = TargetCache(cache_dir)
+        trainer.data_collator = FitCollator(tokenizer.pad_token_id, cache)
     train_resumably(trainer)
     save_trained(model, out, merged=False)
     return {"log": log.records, "examples": len(examples), "layers": layers}
 
 
+def preflight(config: AlignConfig) -> None:
+    """Checks that need the model's shape or the environment, run before any weights load.
+
+    Each would otherwise surface as a library traceback at step 1: a seed numpy refuses, a zero
+    save/log interval, LoRA target modules the model lacks, a ``report_to`` logger that is not
+    installed. Raises ConfigError naming the key.
+    """
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {config.seed}")
+    for key in ("save_steps", "logging_steps"):
+        value = getattr(config, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+    _check_report_to(config.report_to)
+    names = _module_names(config.model)
+    for key, lora in (("step1.lora", None if config.step1.full_finetune else config.step1.lora), ("fit.lora", config.fit.lora)):
+        if lora is None or not names or lora.target_modules == ["all-linear"]:
+            continue
+        missing = [m for m in lora.target_modules if not any(n == m or n.endswith("." + m) for n in names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." in n and not n.rsplit(".", 1)[-1].isdigit()})
+            raise ConfigError(
+                f"{key}.target_modules {missing} not found in {config.model}; its module names include"
+                f" {', '.join(leaves[:20])} (or use ['all-linear'])"
+            )
+
+
+def _module_names(model: str) -> list[str]:
+    """Module names of ``model``, from a skeleton on the meta device (no weights, no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config(model))
+    except Exception:  # noqa: BLE001 - e.g. remote code: leave the check to PEFT at step 1
+        return []
+    return [name for name, _ in skeleton.named_modules()]
+
+
+def _check_report_to(report_to: list[str]) -> None:
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    checked = {"tensorboard", "wandb", "mlflow", "comet_ml", "neptune", "clearml", "dvclive", "codecarbon", "swanlab", "trackio", "dagshub"}
+    available = set(get_available_reporting_integrations())
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"report_to: unknown logger '{name}'; use none, all or one of {', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name in checked and name not in available:
+            raise ConfigError(f"report_to: '{name}' is not installed (pip install {name}), or drop it from report_to")
+
+
 def plan(config: AlignConfig) -> dict:
-    """What ``align`` would do, from the data and config alone (no weights loaded)."""
+    """What ``align`` would do, from the data and config alone (no weights loaded).
+
+    Runs every check ``align`` runs before its first step (config, model shape, data rows, token
+    windows, run folder), so a mistake shows up in seconds. :func:`format_plan` prints it.
+    """
     import math
 
     from rahf.data.render import TruncationStats, encode
     from rahf.models import load_tokenizer
 
     layers = target_layers(config)
+    preflight(config)
+    check_writable_dir(config.run_dir)
     model_cfg = model_config(config.model)
     loaded = load_preferences(config.data, format=config.data_format, skip_invalid=config.skip_invalid, split=config.data_split)
     train, validation = split_pairs(loaded.pairs, validation_fraction=config.validation_fraction, seed=config.seed)
@@ -252,11 +390,16 @@ def plan(config: AlignConfig) -> dict:
     if not train:
         raise DataError(f"{config.data}: no training pairs left after filtering and the validation split")
     tokenizer = load_tokenizer(config.model)
+    # SCIT puts an instruction before every prompt: check the window against the longer one.
+    instruction = max(config.preferred_instruction, config.dispreferred_instruction, key=len) if config.method == "scit" else None
     stats = TruncationStats()
     tokens = 0
     for pair in train:
         for reply in (pair.chosen, pair.rejected):
-            encoded = encode(tokenizer, pair.prompt, reply, max_prompt_tokens=config.max_prompt_tokens, max_reply_tokens=config.reply_window)
+            encoded = encode(
+                tokenizer, pair.prompt, reply, instruction=instruction, max_prompt_tokens=config.max_prompt_tokens,
+                max_reply_tokens=config.reply_window, origin=pair.origin,
+            )
             stats.add(encoded, count_prompt=reply is pair.chosen)
             tokens += len(encoded.input_ids)
 
@@ -271,6 +414,8 @@ def plan(config: AlignConfig) -> dict:
     hidden, n_layers = model_cfg.hidden_size, model_cfg.num_hidden_layers
     params = n_layers * 12 * hidden * hidden + 2 * model_cfg.vocab_size * hidden  # rough, for the estimate
     bytes_per = 2 if config.dtype == "bfloat16" else 4
+    # Step 3 holds the base plus, for Dual full copies, the two step-1 models.
+    copies = 3 if config.method == "dual" and config.step1.dual_storage == "full-copies" else 1
     return {
         "method": config.method,
         "model": config.model,
@@ -281,5 +426,36 @@ def plan(config: AlignConfig) -> dict:
         "examples": {"step1": step1_examples, "fit": fit_examples},
         "tokens": {"train_total": tokens, "truncated_prompts": stats.prompts_truncated, "truncated_replies": stats.replies_truncated},
         "estimated_weights_gb": round(params * bytes_per / 1e9, 2),
+        "estimated_fit_weights_gb": round(copies * params * bytes_per / 1e9, 2),
         "run_dir": config.run_dir,
     }
+
+
+def format_plan(plan_: dict) -> str:
+    """``plan()`` as a short table for people (``--json`` keeps the dict for scripts)."""
+    data, tokens = plan_["data"], plan_["tokens"]
+    step1_steps = next(v for k, v in plan_["steps"].items() if k.startswith("step1"))
+    rows = [("stage", "steps", "examples")]
+    for stage in plan_["stages"]:
+        if stage.startswith("step1"):
+            rows.append((stage, str(step1_steps), str(plan_["examples"]["step1"])))
+        elif stage == "fit":
+            rows.append((stage, str(plan_["steps"]["fit"]), str(plan_["examples"]["fit"])))
+        else:
+            rows.append((stage, "-", "-"))
+    invalid = sum(data["invalid"].values())
+    lines = [
+        "rahf align --dry-run: config and data are valid; nothing was trained",
+        f"  method         {plan_['method']}",
+        f"  model          {plan_['model']}",
+        f"  data           {data['source']} ({data['format']}): {data['train_pairs']} train / "
+        f"{data['validation_pairs']} validation pairs" + (f", {invalid} invalid rows skipped" if invalid else ""),
+        f"  target layers  {', '.join(map(str, plan_['target_layers']))}",
+        f"  tokens         {tokens['train_total']} in the training pairs; truncated: "
+        f"{tokens['truncated_prompts']} prompts, {tokens['truncated_replies']} replies",
+        f"  memory         ~{plan_['estimated_weights_gb']} GB of weights (~{plan_['estimated_fit_weights_gb']} GB in step 3)",
+        f"  run dir        {plan_['run_dir']}",
+        "",
+    ]
+    lines += [f"  {a:<20}{b:>7}{c:>10}" for a, b, c in rows]
+    return "\n".join(lines)

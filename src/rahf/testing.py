@@ -87,3 +87,19 @@ def save_tiny(path: str | Path, **kwargs) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_toy_pairs(path: str | Path, n: int = 24) -> Path:
+    """A small arithmetic preference set (plain format) for tests and examples."""
+    import json
+
+    path = Path(path)
+    with open(path, "w") as handle:
+        for i in range(n):
+            row = {
+                "prompt": f"What is {i} plus {i}?",
+                "chosen": f"{i} plus {i} is {2 * i}.",
+                "rejected": f"Maybe {i + 7}, who cares.",
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path

@@ -2,20 +2,45 @@
 
 All stages run on ``transformers.Trainer`` so bf16, gradient checkpointing, gradient
 accumulation, ``report_to`` logging and ``accelerate launch`` (DDP, DeepSpeed) work unchanged.
+
+Resume is exact: a checkpoint holds the weights, optimizer, scheduler and RNG states, and the
+Trainer's seedable sampler (``data_seed``) with ``skip_first_batches`` replays the same batch
+order, so a run stopped at any step and resumed ends with the same weights as one that was never
+stopped. Each checkpoint gets a completion marker (:data:`CHECKPOINT_MARKER`, sizes and sha256 of
+its files) once the Trainer has finished writing it; a checkpoint without a valid marker was cut
+off mid-save or damaged later, and resume falls back to the newest good one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
-from collections.abc import Sequence
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rahf.config import AlignConfig, LoraSettings, TrainSettings
+from rahf.io import (
+    HASH_LIMIT,
+    atomic_write_json,
+    folder_manifest,
+    inject_fault,
+    is_main_process,
+    manifest_problem,
+    read_marker,
+    wait_for_everyone,
+)
+
+CHECKPOINT_MARKER = "rahf_checkpoint.json"
 
 
 class TrainingError(RuntimeError):
@@ -88,17 +113,71 @@ def training_arguments(
     )
 
 
+class TrainingInterrupted(TrainingError):
+    """SIGTERM / SIGINT stopped training at a step boundary after saving a checkpoint.
+
+    ``exit_code`` is the shell convention for death by that signal (130 for SIGINT, 143 for
+    SIGTERM), so schedulers and scripts see an interrupted run, not a finished one.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def checkpoint_step(folder: Path) -> int:
+    suffix = folder.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None if its marker vouches for every file."""
+    marker = read_marker(folder / CHECKPOINT_MARKER)
+    if marker is None:
+        if (folder / CHECKPOINT_MARKER).exists():
+            return f"its marker {CHECKPOINT_MARKER} is unreadable"
+        return f"it has no {CHECKPOINT_MARKER}: the run stopped while saving it"
+    return manifest_problem(folder, marker.get("files"))
+
+
+def good_checkpoints(output_dir: str | Path, *, report: bool = True) -> tuple[Path | None, list[Path]]:
+    """``(newest checkpoint whose marker checks out, newer ones that do not)``.
+
+    Older checkpoints are not checked: the newest good one is all resume needs.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None, []
+    folders = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and checkpoint_step(p) >= 0]
+    bad: list[Path] = []
+    for folder in sorted(folders, key=checkpoint_step, reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, bad
+        if report:
+            print(f"rahf: not resuming from {folder}: {problem}")
+        bad.append(folder)
+    return None, bad
+
+
 def check_finite(loss: torch.Tensor, trainer: Trainer, stage: str) -> None:
     """Stop the run at the first NaN/inf loss, keeping the last good checkpoint on disk."""
     if not torch.isfinite(loss.detach()).all():
         step = trainer.state.global_step + 1
-        last = get_last_checkpoint(trainer.args.output_dir) if Path(trainer.args.output_dir).is_dir() else None
+        last, _ = good_checkpoints(trainer.args.output_dir, report=False)
         where = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved yet"
-        raise TrainingError(f"{stage}: loss became {float(loss.detach().float().mean())} at step {step}{where}")
+        raise TrainingError(
+            f"{stage}: loss became {float(loss.detach().float().mean())} at step {step}{where}"
+            " (a lower learning rate usually helps; a changed config needs a new --run-dir or --overwrite)"
+        )
 
 
 class LossLogCallback(TrainerCallback):
-    """Collect the training log so each stage can write metrics.jsonl and a loss curve."""
+    """Collect the training log so each stage can write metrics.jsonl and a loss curve.
+
+    At the end the records are rebuilt from the Trainer's ``log_history``, which a resumed run
+    restores from its checkpoint: the log then covers the steps before the interruption too.
+    """
 
     def __init__(self) -> None:
         self.records: list[dict] = []
@@ -107,14 +186,151 @@ class LossLogCallback(TrainerCallback):
         if logs and "loss" in logs and math.isfinite(logs["loss"]):
             self.records.append({"step": state.global_step, **logs})
 
+    def on_train_end(self, args, state, control, **kwargs):
+        history = [r for r in state.log_history if "loss" in r and math.isfinite(r["loss"])]
+        if history:
+            self.records = [{"step": r["step"], **{k: v for k, v in r.items() if k != "step"}} for r in history]
+
+
+def _stage_dir(args: TrainingArguments) -> str:
+    """The stage a Trainer works for, from its output folder ``RUN_DIR/<stage>/checkpoints``."""
+    return Path(args.output_dir).parent.name
+
+
+class CheckpointMarker(TrainerCallback):
+    """Write :data:`CHECKPOINT_MARKER` into each checkpoint once the Trainer has saved all of it.
+
+    ``on_save`` runs after the weights, optimizer, scheduler, RNG and trainer state are written,
+    so a marker proves the checkpoint whole. Ranks write their own RNG files: wait for all first.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        wait_for_everyone()
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and is_main_process() and folder.is_dir():
+            files = folder_manifest(folder, hash_limit=HASH_LIMIT)
+            files.pop(CHECKPOINT_MARKER, None)
+            atomic_write_json(folder / CHECKPOINT_MARKER, {"step": state.global_step, "files": files})
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop training.
+
+    The handler only records the signal (printing from a handler can collide with tqdm's
+    writes); the callback acts at the next step end. A second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.announced = False
+        self.previous: dict[int, object] = {}  # handlers to fall back on for a second signal
+
+    def request(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            fallback = self.previous.get(signum)
+            if callable(fallback):
+                fallback(signum, frame)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        inject_fault(f"step:{_stage_dir(args)}:{state.global_step}")
+        if self.signum is not None:
+            if not self.announced:
+                from tqdm.auto import tqdm
+
+                name = signal.Signals(self.signum).name
+                tqdm.write(f"rahf: {name} received: saving a checkpoint at step {state.global_step} and stopping"
+                           " (send it again to stop at once)", file=sys.stderr)
+                self.announced = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+@contextlib.contextmanager
+def _handle_signals(stop: StopOnSignal) -> Iterator[None]:
+    """Route SIGTERM and SIGINT to ``stop`` for the block (main thread only: Python's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop.previous = previous
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """torch.save reports a full disk as a RuntimeError ("unexpected pos ..."); tell it apart."""
+    text = str(err)
+    if "No space left" in text:
+        return True
+    probe = folder if folder.exists() else folder.parent
+    try:
+        return shutil.disk_usage(probe).free < (64 << 20) and ("write" in text or "pos" in text)
+    except OSError:
+        return False
+
+
+def _finished(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at the last step its run planned."""
+    state = read_marker(checkpoint / "trainer_state.json") or {}
+    return isinstance(state.get("max_steps"), int) and state.get("global_step", -1) >= state["max_steps"] > 0
+
 
 def train_resumably(trainer: Trainer) -> None:
-    """Train, resuming from the newest checkpoint in the output folder if there is one."""
+    """Train, resuming from the newest complete checkpoint in the output folder if there is one.
+
+    Checkpoints newer than that one (cut off mid-save, or damaged) are reported and removed, so
+    the Trainer rewrites them. SIGTERM / SIGINT end the run at a step boundary with a checkpoint
+    and :class:`TrainingInterrupted`. A fresh start reseeds, so it begins from the same RNG state
+    whatever ran earlier in the process (a resumed run restores the checkpoint's RNG state).
+    """
     out = Path(trainer.args.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last, bad = good_checkpoints(out)
+    wait_for_everyone()  # every rank has judged the checkpoints before rank 0 removes any
+    if is_main_process():
+        for folder in bad:
+            shutil.rmtree(folder, ignore_errors=True)
+    wait_for_everyone()
     if last:
-        print(f"rahf: resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
+        note = f" (newest complete checkpoint; {len(bad)} newer one(s) removed)" if bad else ""
+        print(f"rahf: resuming from {last}{note}")
+    elif bad:
+        print(f"rahf: no complete checkpoint in {out}; starting this stage from the beginning")
+    if last and _finished(last):
+        # transformers 5.24 resumed at global_step == max_steps trains one step more when
+        # max_steps ends mid-epoch; the checkpoint already holds the final weights: load them.
+        print(f"rahf: {last} holds the last step of this stage; loading it")
+        trainer._load_from_checkpoint(str(last))  # what train() does on resume
+        trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, LossLogCallback):
+                callback.on_train_end(trainer.args, trainer.state, trainer.control)
+        return
+    stop = StopOnSignal()
+    trainer.add_callback(CheckpointMarker())
+    trainer.add_callback(stop)
+    set_seed(trainer.args.seed)
+    try:
+        with _handle_signals(stop):
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+    except RuntimeError as err:
+        if not isinstance(err, TrainingError) and _disk_full(err, out):
+            raise OSError(errno.ENOSPC, "No space left on device (while saving a checkpoint)", str(out)) from err
+        raise
+    if stop.signum is not None:
+        step = trainer.state.global_step
+        saved = out / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        stage = getattr(trainer, "stage", _stage_dir(trainer.args))
+        raise TrainingInterrupted(
+            f"{stage}: stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved in {saved}."
+            " Rerun the same command to resume from it",
+            stop.signum,
+        )
 
 
 class GuardedTrainer(Trainer):
@@ -127,8 +343,27 @@ class GuardedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.stage_loss(model, inputs)
+        if inject_fault(f"loss:{_stage_dir(self.args)}:{self.state.global_step + 1}"):
+            loss = loss * float("nan")
         check_finite(loss, self, self.stage)
         return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:  # a checkpoint: weights written, optimizer / RNG / state not yet
+            inject_fault(f"save:{_stage_dir(self.args)}:{self.state.global_step}", output_dir)
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes with each process's
+    string hashing; sorted, the same adapter gives the same bytes, so a stage redone after a
+    fault is recognised as unchanged and later stages are kept."""
+    import json
+
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_trained(model, out: Path, *, merged: bool, tokenizer=None) -> None:
@@ -140,7 +375,11 @@ def save_trained(model, out: Path, *, merged: bool, tokenizer=None) -> None:
     from rahf.io import atomic_dir
 
     if isinstance(model, PeftModel):
-        atomic_dir(out / "adapter", lambda tmp: model.save_pretrained(tmp, selected_adapters=["default"]))
+        def build_adapter(tmp: Path) -> None:
+            model.save_pretrained(tmp, selected_adapters=["default"])
+            _sort_target_modules(tmp / "adapter_config.json")
+
+        atomic_dir(out / "adapter", build_adapter)
         if merged:
             def build(tmp: Path) -> None:
                 model.merge_and_unload().save_pretrained(tmp)

@@ -50,6 +50,7 @@ REASONS: dict[str, str] = {
     "bad_role": "bad role",
     "misplaced_system": "a system message is allowed only as the first message",
     "not_an_object": "row is not a JSON object",
+    "too_long": "row too long",
 }
 
 Parsed = tuple[tuple[Message, ...], str, str]  # (prompt, chosen, rejected)

@@ -22,6 +22,9 @@ from rahf.data.formats import FORMATS, PROMPT, WHOLE_ROW, RowError, detect_forma
 from rahf.data.schema import DataError, LoadResult, PreferencePair
 
 BUILTIN = "builtin"
+# A row longer than this is refused (reason ``too_long``): no token window needs a megabyte of
+# text, and tokenising one takes tens of seconds in every stage that encodes it.
+MAX_ROW_CHARS = 1_000_000
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 Rows = Iterator[tuple[int, Any]]  # (1-based row number, parsed row or a bad_json RowError)
@@ -72,6 +75,7 @@ def _collect(
                     raise AssertionError("unreachable: an undetectable row parsed")
                 result.format = detected
             prompt, chosen, rejected = parse_row(row, result.format)
+            _check_size(prompt, chosen, rejected)
         except RowError as err:
             if not skip_invalid:
                 raise DataError(
@@ -91,6 +95,17 @@ def _collect(
         counts = ", ".join(f"{reason}: {n}" for reason, n in invalid.most_common())
         raise DataError(f"{spec}: no valid pairs in {seen} rows ({counts})")
     return result
+
+
+def _check_size(prompt: tuple, chosen: str, rejected: str) -> None:
+    sizes = {PROMPT: sum(len(m["content"]) for m in prompt), "chosen": len(chosen), "rejected": len(rejected)}
+    total = sum(sizes.values())
+    if total > MAX_ROW_CHARS:
+        field = max(sizes, key=sizes.__getitem__)
+        raise RowError(
+            field, "too_long",
+            f"{total:,} characters, {sizes[field]:,} of them in '{field}'; the limit is {MAX_ROW_CHARS:,} per row",
+        )
 
 
 # -- sources --------------------------------------------------------------------------------
@@ -156,6 +171,8 @@ def _jsonl(path: Path, label: str) -> Rows:
                     yield number, RowError(
                         WHOLE_ROW, "bad_json", f"line {number} column {err.colno}: {err.msg}"
                     )
+                except RecursionError:
+                    yield number, RowError(WHOLE_ROW, "bad_json", f"line {number}: nested too deeply")
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise DataError(f"{label}: not a valid gzip file ({err})") from None
 
@@ -179,6 +196,8 @@ def _json(path: Path, label: str) -> Rows:
         raise DataError(
             f"{label}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg})"
         ) from None
+    except RecursionError:
+        raise DataError(f"{label}: not valid JSON (nested too deeply)") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
     if not isinstance(doc, list):
@@ -195,10 +214,13 @@ def _parquet(path: Path, label: str) -> Rows:
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{label}: not a readable parquet file ({err})") from None
     number = 0
-    for batch in table.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
+    try:
+        for batch in table.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    except (pa.ArrowException, OSError) as err:  # a damaged data page, found while reading
+        raise DataError(f"{label}: not a readable parquet file after row {number} ({err})") from None
 
 
 def _saved_dataset(path: Path, label: str, split: str | None) -> Rows:

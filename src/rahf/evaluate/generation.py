@@ -130,9 +130,9 @@ def generate(
     todo = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: len(prompt_ids[i]))
 
     eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos
+        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos or None
     )
     if do_sample:
         config.temperature, config.top_p, config.top_k = temperature, top_p, 0

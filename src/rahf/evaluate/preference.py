@@ -81,6 +81,7 @@ def preference_accuracy(
     *,
     reference: torch.nn.Module | None = None,
     reference_tokenizer=None,
+    reference_scores: PairScores | None = None,
     batch_size: int = 8,
     max_prompt_tokens: int = 256,
     max_reply_tokens: int = 256,
@@ -91,7 +92,9 @@ def preference_accuracy(
 ) -> PreferenceResult:
     """Score every pair under ``model`` (and ``reference``) and report the accuracies.
 
-    Replies longer than ``max_reply_tokens`` are scored on their first tokens only.
+    Pass ``reference_scores`` (from ``rahf.scoring.score_pairs``) instead of ``reference`` to
+    score the reference once for several models. Replies longer than ``max_reply_tokens`` are
+    scored on their first tokens only.
     """
     if not pairs:
         raise ValueError("no pairs to score")
@@ -99,8 +102,8 @@ def preference_accuracy(
     scores = score_pairs(
         model, tokenizer, pairs, batch_size=batch_size, progress=progress, desc=desc, **windows
     )
-    ref_scores = None
-    if reference is not None:
+    ref_scores = reference_scores
+    if reference is not None and ref_scores is None:
         ref_scores = score_pairs(
             reference, reference_tokenizer or tokenizer, pairs,
             batch_size=batch_size, progress=progress, desc=f"{desc} (reference)", **windows,

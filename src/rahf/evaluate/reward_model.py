@@ -187,6 +187,7 @@ def train_reward_model(config: RewardModelConfig) -> dict:
         seed=config.seed,
         disable_tqdm=not config.progress,
     )
+    train_started = time.time()
     try:
         trainer = RewardTrainer(
             model=model,
@@ -202,7 +203,7 @@ def train_reward_model(config: RewardModelConfig) -> dict:
     if peft_config is not None:
         trained = trained.merge_and_unload()
     trained.eval()
-    train_seconds = time.time() - started
+    train_seconds = time.time() - train_started  # tokenising (by TRL) and training
     held_out = pairwise_accuracy(
         RewardModel(trained, tokenizer, config.out), val_pairs, max_length=config.max_length,
         max_reply_tokens=config.max_reply_tokens, resamples=config.resamples, seed=config.seed,

@@ -32,6 +32,7 @@ from rahf.evaluate.report import SCHEMA_VERSION, environment
 from rahf.evaluate.reward import compare, load_reward_model, pairwise_accuracy, score_rewards
 from rahf.evaluate.stats import DEFAULT_RESAMPLES, bootstrap
 from rahf.io import atomic_write_text, file_digest
+from rahf.scoring import score_pairs
 
 
 @dataclass
@@ -103,30 +104,21 @@ def _data_entry(path: str, kind: str, n: int, *, format: str = "", invalid: dict
     }
 
 
-def run_eval(config: EvalConfig) -> dict[str, Any]:
-    """Run every stage the config asks for and return the report dict (see ``report.py``)."""
-    started = time.time()
-    timing: dict[str, float] = {}
-    boot = {"resamples": config.resamples, "seed": config.seed}
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "settings": dataclasses.asdict(config),
-        "environment": environment(),
-        "models": {},
-        "data": [],
-        "preference": [],
-        "reward_model_accuracy": [],
-        "generation": [],
-        "comparisons": [],
-        "timing": timing,
-    }
-    # role -> (model, tokenizer); the baseline is evaluated exactly like the model
-    loaded = {}
+@dataclass
+class _Models:
+    """Everything loaded for one evaluation: role -> (model, tokenizer, info), reference, RM."""
+
+    evaluated: dict[str, tuple[Any, Any, Any]]  # "model" and optionally "baseline"
+    reference: tuple[Any, Any, Any] | None
+    reward_model: Any | None
+
+
+def _load_models(config: EvalConfig, report: dict[str, Any]) -> _Models:
+    evaluated = {}
     for role, spec in (("model", config.model), ("baseline", config.baseline)):
-        if spec:
-            model, tokenizer, info = load_for_eval(spec, dtype=config.dtype, device=config.device)
-            loaded[role] = (model, tokenizer, info)
-            report["models"][role] = info.to_dict()
+        if spec:  # the baseline goes through exactly the same stages as the model
+            evaluated[role] = load_for_eval(spec, dtype=config.dtype, device=config.device)
+            report["models"][role] = evaluated[role][2].to_dict()
     reference = None
     if config.reference:
         reference = load_for_eval(config.reference, dtype=config.dtype, device=config.device)
@@ -135,39 +127,51 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if config.reward_model:
         rm = load_reward_model(config.reward_model, device=config.device)
         report["models"]["reward_model"] = describe(rm.path).to_dict() | {"spec": config.reward_model}
-    timing["load_models"] = time.time() - started
+    return _Models(evaluated, reference, rm)
 
-    t = time.time()
+
+def _preference_stage(config: EvalConfig, models: _Models, report: dict[str, Any]) -> None:
+    """Accuracy of every evaluated model (and of the RM) on every pairs file."""
+    boot = {"resamples": config.resamples, "seed": config.seed}
+    windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": config.max_reply_tokens}
     for path in config.pairs:
         data = load_preferences(path, skip_invalid=config.skip_invalid, limit=config.limit)
         source = source_name(path)
         report["data"].append(_data_entry(path, "pairs", len(data.pairs), format=data.format, invalid=data.invalid))
-        for role, (model, tokenizer, _) in loaded.items():
+        reference_scores = None
+        if models.reference is not None:  # scored once, shared by the model and the baseline
+            reference_scores = score_pairs(
+                models.reference[0], models.reference[1], data.pairs, batch_size=config.batch_size,
+                progress=config.progress, desc=f"reference on {source}", **windows,
+            )
+        for role, (model, tokenizer, _) in models.evaluated.items():
             result = preference_accuracy(
-                model, tokenizer, data.pairs,
-                reference=reference[0] if reference else None,
-                reference_tokenizer=reference[1] if reference else None,
-                batch_size=config.batch_size, max_prompt_tokens=config.max_prompt_tokens,
-                max_reply_tokens=config.max_reply_tokens, progress=config.progress,
-                desc=f"{role} on {source}", **boot,
+                model, tokenizer, data.pairs, reference_scores=reference_scores,
+                batch_size=config.batch_size, progress=config.progress,
+                desc=f"{role} on {source}", **windows, **boot,
             )
             report["preference"].append({"source": source, "model": role, **result.to_dict()})
-        if rm is not None:
-            accuracy = pairwise_accuracy(rm, data.pairs, progress=config.progress, **boot)
+        if models.reward_model is not None:
+            accuracy = pairwise_accuracy(models.reward_model, data.pairs, progress=config.progress, **boot)
             report["reward_model_accuracy"].append({"source": source, **accuracy})
-    timing["preference"] = time.time() - t
 
-    t = time.time()
-    prompt_files = [(p, None) for p in config.prompts] + [(p, True) for p in config.harmful_prompts]
-    generations: list[str] = []
+
+def _generation_stage(config: EvalConfig, models: _Models, report: dict[str, Any]) -> list[dict]:
+    """Replies of every evaluated model on every prompt file; behaviour, rewards, win rates.
+
+    Returns one record per reply (for generations.jsonl).
+    """
+    boot = {"resamples": config.resamples, "seed": config.seed}
+    records: list[dict] = []
     cache = GenerationCache(config.cache_dir) if config.cache else None
+    prompt_files = [(p, None) for p in config.prompts] + [(p, True) for p in config.harmful_prompts]
     for path, harmful in prompt_files:
         prompt_set = load_prompts(path, harmful=harmful, limit=config.limit)
         source = source_name(path)
         report["data"].append(_data_entry(path, "harmful prompts" if harmful else "prompts",
                                           len(prompt_set.items), format=prompt_set.format))
         by_role = {}
-        for role, (model, tokenizer, info) in loaded.items():
+        for role, (model, tokenizer, info) in models.evaluated.items():
             turns = generate_turns(
                 model, tokenizer, prompt_set.items,
                 max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
@@ -190,30 +194,57 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                 "mean_reward": None,
                 "rewards": None,
             }
-            if rm is not None:
-                rewards = score_rewards(rm, [t.conversation for t in turns], texts,
+            if models.reward_model is not None:
+                rewards = score_rewards(models.reward_model, [t.conversation for t in turns], texts,
                                         batch_size=config.batch_size, progress=config.progress)
                 entry["rewards"] = rewards.tolist()
                 entry["mean_reward"] = bootstrap(rewards, **boot).to_dict()
             report["generation"].append(entry)
             by_role[role] = entry
-            generations += [
-                _jsonl_line({"source": source, "model": role, "id": t.item_id, "turn": t.turn,
-                             "prompt": t.conversation[-1]["content"], "reply": t.result.text,
-                             "tokens": t.result.tokens, "hit_limit": t.result.hit_limit})
-                for t in turns
+            records += [
+                {"source": source, "model": role, "id": t.item_id, "turn": t.turn,
+                 "prompt": t.conversation[-1]["content"], "reply": t.result.text,
+                 "tokens": t.result.tokens, "hit_limit": t.result.hit_limit,
+                 "reward": entry["rewards"][k] if entry["rewards"] else None}
+                for k, t in enumerate(turns)
             ]
-        if rm is not None and "baseline" in by_role:
+        if models.reward_model is not None and "baseline" in by_role:
             a, b = by_role["model"], by_role["baseline"]
             result = compare(np.asarray(a["rewards"]), np.asarray(b["rewards"]),
                              a["lengths_chars"], b["lengths_chars"], **boot)
             report["comparisons"].append({"source": source, **result.to_dict()})
+    return records
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Run every stage the config asks for and return the report dict (see ``report.py``).
+
+    Also writes ``generations.jsonl`` (every reply, for reading) to ``config.out``.
+    """
+    started = time.time()
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "settings": dataclasses.asdict(config),
+        "environment": environment(),
+        "models": {},
+        "data": [],
+        "preference": [],
+        "reward_model_accuracy": [],
+        "generation": [],
+        "comparisons": [],
+        "timing": {},
+    }
+    timing = report["timing"]
+    models = _load_models(config, report)
+    timing["load_models"] = time.time() - started
+    t = time.time()
+    _preference_stage(config, models, report)
+    timing["preference"] = time.time() - t
+    t = time.time()
+    records = _generation_stage(config, models, report)
     timing["generation"] = time.time() - t
-    if generations:
-        atomic_write_text(Path(config.out) / "generations.jsonl", "".join(generations))
+    if records:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_text(Path(config.out) / "generations.jsonl", lines)
     timing["total"] = time.time() - started
     return report
-
-
-def _jsonl_line(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False) + "\n"

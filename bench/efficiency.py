@@ -1,0 +1,587 @@
+"""Benchmark: throughput and peak memory of RAHF-Dual steps 2-3 (the fit step), per optimisation.
+
+On the embedded default model (SmolLM2-135M-Instruct, 30 blocks, target layers 9..19) with a
+fixed sample of the built-in pairs, one epoch of the fit step (frozen pattern passes + trained
+forward/backward + optimizer step, through ``FitTrainer`` exactly as ``rahf align`` runs it) is
+timed for:
+
+* ``reference``: the reference code's layout: the preferred and dispreferred models as full
+  merged copies, plus a separate full frozen copy for the original model, plus the LoRA model
+  (4 models); full forward passes (all blocks, LM head on every position); unbatched; fp32; no
+  length grouping.
+* ``default``: our defaults (adapters on one base, truncated forwards, length-grouped batches).
+* one row per optimisation turned off from the default, and extra rows (bf16 autocast, cached
+  targets as seen from the second epoch on).
+
+Step-1 adapters are created fresh (random non-zero LoRA B, so the two sides differ): their
+values do not change throughput. Each (configuration, repetition) runs in a fresh subprocess, so
+its peak resident memory is its own; configurations alternate within each repetition and the
+table reports medians. This machine's fp32 (and bf16) matmul peak is measured in the same run.
+
+    python bench/efficiency.py [--reps 3] [--pairs 4] [--threads N] [--rows a,b] [--no-write]
+
+FLOP count (analytic, documented in BENCHMARKS.md): per block and token a forward costs
+``2 * P_block`` (P_block = weights of one block) plus LoRA ``2 * r * (in + out)`` per adapted
+linear plus attention ``4 * heads * head_dim * T`` (full T x T, padding included: the mask is
+explicit); the LM head costs ``2 * hidden * vocab`` per position it is computed on. The trained
+pass's backward runs only through blocks below the top target layer and computes input gradients
+of the frozen weights (``2 * P_block`` per token and block) plus input and weight gradients of
+the LoRA (2x its forward) and attention (2x its forward). Padded tokens count: they are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+START, END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
+BATCH_SIZE = 4  # fit.train.batch_size default
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration: ``--set`` overrides on top of the Dual defaults, plus bench-only switches."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    orig_copy: bool = False  # a separate full frozen copy for A_o (reference layout)
+    cached: bool = False  # time an epoch that reads cached targets (cache built before timing)
+
+
+REFERENCE = Row(
+    "reference",
+    "reference-style: 4 full models, full forwards, unbatched, fp32, no grouping",
+    ("step1.dual_storage=full-copies", "fit.truncate_forward=false", "fit.batch_frozen=false",
+     "fit.group_by_length=false", "mixed_precision='no'"),
+    orig_copy=True,
+)
+DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped)")
+FP32 = Row("fp32", "default - bf16 autocast (mixed_precision=no)", ("mixed_precision='no'",))
+BF16 = Row("bf16", "default + bf16 autocast (mixed_precision=bf16)", ("mixed_precision=bf16",))
+ROWS = [
+    REFERENCE,
+    DEFAULT,
+    Row("no-truncate", "default - truncated forward", ("fit.truncate_forward=false",)),
+    Row("no-grouping", "default - group_by_length", ("fit.group_by_length=false",)),
+    Row("full-copies", "default - adapters (2 merged copies)", ("step1.dual_storage=full-copies",)),
+    FP32,  # run when the default resolves to bf16 on this machine, else BF16
+    BF16,
+    Row("cached", "default + cached targets (epoch >= 2)", ("fit.targets=cached",), cached=True),
+]
+
+
+# ------------------------------------------------------------------ FLOPs (analytic)
+
+
+@dataclass
+class Shape:
+    """What the FLOP count needs from the model config."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    blocks: int
+    linears: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out)
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        h, i = config.hidden_size, config.intermediate_size
+        hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+        q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+        linears = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                   "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return cls(h, i, config.num_attention_heads, config.num_key_value_heads, hd,
+                   config.vocab_size, config.num_hidden_layers, linears)
+
+    @property
+    def block_params(self) -> int:
+        return sum(a * b for a, b in self.linears.values())
+
+    def lora(self, r: int, modules: list[str]) -> int:
+        """FLOPs per token and block of one LoRA's forward."""
+        names = self.linears if modules == ["all-linear"] else modules
+        return sum(2 * r * sum(self.linears[m]) for m in names)
+
+    def forward(self, b: int, t: int, blocks: int, lora: int, head_positions: int) -> float:
+        per_block = b * t * (2 * self.block_params + lora) + b * 4 * self.heads * self.head_dim * t * t
+        return blocks * per_block + head_positions * 2 * self.hidden * self.vocab
+
+    def backward(self, b: int, t: int, blocks: int, lora: int) -> float:
+        return blocks * (b * t * (2 * self.block_params + 2 * lora) + 2 * b * 4 * self.heads * self.head_dim * t * t)
+
+
+def step_flops(shape: Shape, b: int, t: int, *, top: int, truncate: bool, frozen_lora: int,
+               fit_lora: int, frozen_passes: bool) -> float:
+    """FLOPs of one Dual fit step on a (b, t) batch (all three roles have the same input in Dual)."""
+    blocks = top if truncate else shape.blocks
+    head = b if truncate else b * t
+    total = 0.0
+    if frozen_passes:  # orig (no adapter), preferred and dispreferred (step-1 adapter or merged copy)
+        total += shape.forward(b, t, blocks, 0, head) + 2 * shape.forward(b, t, blocks, frozen_lora, head)
+    total += shape.forward(b, t, blocks, fit_lora, head) + shape.backward(b, t, top, fit_lora)
+    return total
+
+
+# ------------------------------------------------------------------ worker (one subprocess)
+
+
+class PeakRSS:
+    """Samples this process's RSS with psutil (the high-water mark also comes from getrusage)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+
+        self.process, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def make_step1(work: Path, pairs: int, seed: int) -> None:
+    """Fresh Dual step-1 outputs (adapter/ and merged/ per side) and the fixed pair sample."""
+    import torch
+
+    from rahf.config import load_config
+    from rahf.data import load_preferences
+    from rahf.models import load_model, resolve_model_path
+    from rahf.pipeline import _save_pairs
+    from rahf.training import add_lora
+
+    config = load_config(None, ["method=dual", "device=cpu"])
+    loaded = load_preferences("builtin").pairs
+    _save_pairs(work / "pairs.jsonl", loaded[: pairs + BATCH_SIZE])  # the first BATCH_SIZE warm up
+    for offset, side in enumerate(("preferred", "dispreferred")):
+        torch.manual_seed(seed + offset)
+        model = add_lora(load_model("smollm2", device="cpu"), config.step1.lora)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.02)  # non-zero: the two sides differ from the base and each other
+        folder = work / f"step1_{side}"
+        model.save_pretrained(folder / "adapter")
+        model.merge_and_unload().save_pretrained(folder / "merged")
+    (work / "base.txt").write_text(resolve_model_path("smollm2"))
+
+
+def run_worker(row: Row, work: Path, threads: int) -> dict:
+    """Train one epoch of the fit step under ``row``; returns timings, memory and FLOPs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with PeakRSS() as rss_all:
+        return _worker(row, work, rss_all)
+
+
+def _worker(row: Row, work: Path, rss_all: PeakRSS) -> dict:
+    import dataclasses
+
+    import torch
+
+    from rahf.config import load_config
+    from rahf.fitting import FitCollator, FitTrainer, compute_cache, load_fit_model
+    from rahf.models import load_model, load_tokenizer
+    from rahf.patterns import FROZEN, fit_examples, pattern_passes
+    from rahf.pipeline import read_pairs, target_layers
+    from rahf.target_cache import TargetCache
+    from rahf.training import training_arguments
+
+    base = (work / "base.txt").read_text()
+    config = load_config(None, ["method=dual", f"model={base}", "device=cpu", "report_to=[none]",
+                                f"fit.train.batch_size={BATCH_SIZE}", *row.overrides])
+    layers = target_layers(config)
+    tokenizer = load_tokenizer(base)
+    pairs = read_pairs(work / "pairs.jsonl")
+    step1 = {side: str(work / f"step1_{side}") for side in ("preferred", "dispreferred")}
+    torch.manual_seed(0)
+    model, frozen = load_fit_model(config, base, step1, layers)
+    if row.orig_copy:
+        frozen.copies[FROZEN] = load_model(base, dtype=config.dtype, device="cpu").eval().requires_grad_(False)
+    examples = fit_examples(pairs, tokenizer, config)
+    warm, timed = examples[:1], examples[2 * BATCH_SIZE:]  # the sample starts with BATCH_SIZE warm-up pairs
+    timed = [dataclasses.replace(e, index=i) for i, e in enumerate(timed)]  # cache rows 0..n-1
+
+    shapes: list[tuple[int, int, int]] = []  # (batch, padded width, real tokens) of each orig batch
+
+    class CountingCollator(FitCollator):
+        def __call__(self, batch_examples):
+            batch = super().__call__(batch_examples)
+            ids = batch["orig"]["input_ids"]
+            shapes.append((ids.shape[0], ids.shape[1], int(batch["orig"]["attention_mask"].sum())))
+            return batch
+
+    def trainer_for(dataset, cache=None) -> FitTrainer:
+        args = training_arguments(config, config.fit.train, work / "out" / row.name, stage="fit")
+        args = dataclasses.replace(args, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+        trainer = FitTrainer(model=model, args=args, train_dataset=dataset,
+                             data_collator=CountingCollator(tokenizer.pad_token_id, cache))
+        trainer.setup_fit(
+            layers=layers, alpha=config.patterns.alpha, passes=pattern_passes(config), frozen=frozen,
+            pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward,
+            batch_frozen=config.fit.batch_frozen, kl_weight=0.0, group_by_length=config.fit.group_by_length,
+        )
+        return trainer
+
+    cache, cache_seconds = None, None
+    trainer = trainer_for(warm)
+    trainer.train()  # warm-up: one step on one other example (lazy initialisation, allocator)
+    if row.cached:
+        started = time.perf_counter()
+        compute_cache(trainer, timed, work / "cache" / row.name, batch_size=BATCH_SIZE, dtype=config.fit.cache_dtype)
+        cache_seconds = time.perf_counter() - started
+        cache = TargetCache(work / "cache" / row.name)
+    shapes.clear()
+    trainer = trainer_for(timed, cache)
+    with PeakRSS() as rss_fit:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        trainer.train()
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+
+    shape = Shape.of(model.config)
+    frozen_lora = 0 if config.step1.dual_storage == "full-copies" else shape.lora(config.step1.lora.r, config.step1.lora.target_modules)
+    fit_lora = shape.lora(config.fit.lora.r, config.fit.lora.target_modules)
+    flops = sum(
+        step_flops(shape, b, t, top=max(layers), truncate=config.fit.truncate_forward, frozen_lora=frozen_lora,
+                   fit_lora=fit_lora, frozen_passes=cache is None)
+        for b, t, _ in shapes
+    )
+    return {
+        "row": row.name,
+        "examples": len(timed),
+        "pairs": len(timed) / 2,  # Dual fits both replies of each pair
+        "steps": len(shapes),
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # all threads of this process: robust to other jobs' load
+        "padded_tokens": sum(b * t for b, t, _ in shapes),
+        "real_tokens": sum(n for _, _, n in shapes),
+        "flops": flops,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_fit_mb": rss_fit.peak / 2**20,
+        "cache_seconds": cache_seconds,
+        "bf16": bool(trainer.args.bf16),
+    }
+
+
+def scit_batching(work: Path, threads: int, rounds: int = 3) -> dict:
+    """SCIT frozen passes for one batch: one batched call vs one call per role, alternating.
+
+    ``batch_frozen`` only matters where roles share a model state, i.e. SCIT (Dual gives each
+    role its own state), so its share is measured here on the frozen passes alone.
+    """
+    import torch
+
+    from rahf.config import load_config
+    from rahf.models import load_model, load_tokenizer
+    from rahf.patterns import (
+        FrozenModels,
+        collate_roles,
+        fit_examples,
+        frozen_patterns,
+        pattern_passes,
+    )
+    from rahf.pipeline import read_pairs, target_layers
+    from rahf.training import add_lora
+
+    torch.set_num_threads(threads)
+    base = (work / "base.txt").read_text()
+    config = load_config(None, ["method=scit", f"model={base}", "device=cpu"])
+    layers = target_layers(config)
+    tokenizer = load_tokenizer(base)
+    model = add_lora(load_model(base, device="cpu"), config.fit.lora, blocks=range(max(layers)))
+    examples = fit_examples(read_pairs(work / "pairs.jsonl")[BATCH_SIZE : 2 * BATCH_SIZE], tokenizer, config)
+    batches = collate_roles(examples, tokenizer.pad_token_id)
+    frozen, passes = FrozenModels(model), pattern_passes(config)
+
+    def run(batched: bool) -> float:
+        started = time.perf_counter()
+        frozen_patterns(frozen, passes, batches, layers, pad_id=tokenizer.pad_token_id, batch_frozen=batched)
+        return time.perf_counter() - started
+
+    run(True)  # warm-up
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for batched in ((True, False) if r % 2 == 0 else (False, True)):
+            times[batched].append(run(batched))
+    widths = [b["input_ids"].shape[1] for b in batches.values()]
+    return {
+        "batched_s": statistics.median(times[True]), "separate_s": statistics.median(times[False]),
+        "examples": len(examples), "padded_tokens_batched": 3 * len(examples) * max(widths),
+        "padded_tokens_separate": len(examples) * sum(widths),
+    }
+
+
+# ------------------------------------------------------------------ parent: schedule and report
+
+
+def matmul_peak(threads: int, dtype_name: str = "float32", n: int = 2048, tries: int = 6) -> dict[str, float]:
+    """Best-of-``tries`` GFLOP/s of an n x n matmul, per wall second and per CPU second (one
+    core's rate, whatever the thread count): this machine's practical peak right now."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    wall = cpu = float("inf")
+    for _ in range(tries):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        a @ b
+        wall, cpu = min(wall, time.perf_counter() - started), min(cpu, time.process_time() - cpu_started)
+    return {"wall": 2 * n**3 / wall / 1e9, "cpu": 2 * n**3 / max(cpu, 1e-9) / 1e9}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def spawn(args: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def summarise(results: list[dict], rows: list[Row], peaks: dict[str, dict[str, float]]) -> list[dict]:
+    """Medians per row. Throughput per wall second, and per CPU second of the process (less
+    sensitive to other jobs on a shared machine); GFLOP per CPU second against the matmul's."""
+    table = []
+    for row in rows:
+        runs = [r for r in results if r["row"] == row.name]
+        if not runs:
+            continue
+        med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "cpu_seconds", "peak_rss_mb", "peak_rss_fit_mb")}
+        first = runs[0]
+        gflops = first["flops"] / med["cpu_seconds"] / 1e9
+        peak = peaks["bfloat16" if first["bf16"] else "float32"]["cpu"]
+        table.append({
+            "row": row.name, "label": row.label, "pairs_s": first["pairs"] / med["seconds"],
+            "pairs_cpu_s": first["pairs"] / med["cpu_seconds"],
+            "spread": (min(first["pairs"] / r["seconds"] for r in runs), max(first["pairs"] / r["seconds"] for r in runs)),
+            "peak_mb": med["peak_rss_mb"], "fit_mb": med["peak_rss_fit_mb"],
+            "gflops": gflops, "peak_share": gflops / peak, "padding": 1 - first["real_tokens"] / first["padded_tokens"],
+            "cache_s": statistics.median(r["cache_seconds"] for r in runs) if first["cache_seconds"] else None,
+        })
+    return table
+
+
+def render(table: list[dict]) -> str:
+    lines = [
+        "| configuration | pairs/s wall (min-max) | pairs per CPU-s | peak RSS MB | RSS during fit MB"
+        " | GFLOP per CPU-s | of matmul peak | padding |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in table:
+        extra = f" (cache built in {t['cache_s']:.1f} s)" if t["cache_s"] else ""
+        lines.append(
+            f"| {t['label']}{extra} | {t['pairs_s']:.3f} ({t['spread'][0]:.3f}-{t['spread'][1]:.3f}) |"
+            f" {t['pairs_cpu_s']:.3f} | {t['peak_mb']:.0f} | {t['fit_mb']:.0f} | {t['gflops']:.1f} |"
+            f" {t['peak_share']:.0%} | {t['padding']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = BENCHMARKS) -> None:
+    """Replace only our part of BENCHMARKS.md (create the file if it does not exist)."""
+    from rahf.io import atomic_write_text
+
+    section = f"{START}\n{text.strip()}\n{END}"
+    if not path.exists():
+        atomic_write_text(path, section + "\n")
+        return
+    current = path.read_text()
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        atomic_write_text(path, head + section + rest.split(END, 1)[1])
+    else:
+        atomic_write_text(path, current.rstrip("\n") + "\n\n" + section + "\n")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=4, help="pairs timed per configuration (x2 fit examples)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated row names")
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--scit-batching", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.prepare:
+        make_step1(Path(args.work), args.pairs, seed=0)
+        return 0
+    if args.scit_batching:
+        print(json.dumps(scit_batching(Path(args.work), args.threads)))
+        return 0
+    if args.worker:
+        row = next(r for r in ROWS if r.name == args.worker)
+        print(json.dumps(run_worker(row, Path(args.work), args.threads)))
+        return 0
+
+    import torch
+
+    from rahf.config import load_config
+    from rahf.training import use_bf16
+
+    default_bf16 = use_bf16(load_config(None, ["method=dual", "device=cpu"]))
+    skip = BF16.name if default_bf16 else FP32.name  # the other one is the default itself
+    rows = [r for r in ROWS if r.name in args.rows.split(",") and r.name != skip]
+    command = "python bench/efficiency.py " + " ".join(sys.argv[1:])
+    print(f"$ {command}\nload average before: {load_average()}", flush=True)
+    started = time.time()
+    peaks = {"float32": matmul_peak(args.threads), "bfloat16": matmul_peak(args.threads, "bfloat16")}
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="rahf-bench-") as tmp:
+        spawn(["--prepare", "--work", tmp, "--pairs", str(args.pairs)], args.threads)
+        for rep in range(args.reps):
+            order = rows if rep % 2 == 0 else rows[::-1]  # alternate, and reverse to cancel drift
+            for row in order:
+                result = spawn(["--worker", row.name, "--work", tmp, "--threads", str(args.threads)], args.threads)
+                results.append(result)
+                print(f"rep {rep + 1} {row.name:12s} {result['pairs'] / result['seconds']:.3f} pairs/s"
+                      f" ({result['pairs'] / result['cpu_seconds']:.3f} per CPU-s)  peak {result['peak_rss_mb']:.0f} MB"
+                      f"  load {load_average()}", flush=True)
+        scit = spawn(["--scit-batching", "--work", tmp, "--threads", str(args.threads)], args.threads)
+    after = {k: matmul_peak(args.threads, k) for k in peaks}  # before and after the runs: keep the best
+    peaks = {k: {m: max(peaks[k][m], after[k][m]) for m in ("wall", "cpu")} for k in peaks}
+    table = summarise(results, rows, peaks)
+    notes = findings(table, scit)
+    minutes = (time.time() - started) / 60
+    precision = "bf16 autocast" if default_bf16 else "fp32 (mixed_precision auto: bf16 only on bf16 GPUs)"
+    print(f"\n{render(table)}\n\n{notes}\n{peak_line(peaks, args.threads)}; default precision here: {precision}"
+          f"\nload average after: {load_average()}; wall {minutes:.1f} min")
+    if args.no_write:
+        return 0
+    write_section(report(command, args, render(table), notes, peaks, minutes, torch.__version__, precision))
+    print(f"wrote the efficiency section of {BENCHMARKS}")
+    return 0
+
+
+def peak_line(peaks: dict[str, dict[str, float]], threads: int) -> str:
+    return (f"Matmul peak (2048 x 2048, best of 6, before and after the runs, {threads} threads): fp32"
+            f" {peaks['float32']['wall']:.1f} GFLOP/s wall, {peaks['float32']['cpu']:.1f} per CPU-s; bf16"
+            f" {peaks['bfloat16']['wall']:.1f} GFLOP/s wall, {peaks['bfloat16']['cpu']:.1f} per CPU-s")
+
+
+def findings(table: list[dict], scit: dict) -> str:
+    """The ratios the issue's targets are about, and the SCIT batching share, as Markdown bullets."""
+    by = {t["row"]: t for t in table}
+    lines = []
+    if "reference" in by and "default" in by:
+        ref, default = by["reference"], by["default"]
+        speed, memory = default["pairs_s"] / ref["pairs_s"], default["peak_mb"] / ref["peak_mb"]
+        cpu_speed = default["pairs_cpu_s"] / ref["pairs_cpu_s"]
+        lines.append(f"- throughput default / reference = **{speed:.2f}x** wall, **{cpu_speed:.2f}x** per CPU-second"
+                     f" (target >= 2x: {'met' if min(speed, cpu_speed) >= 2 else 'NOT met'})")
+        lines.append(f"- peak memory default / reference = **{memory:.2f}x** (target <= 0.5x: {'met' if memory <= 0.5 else 'NOT met'})")
+        for name in ("bf16", "fp32"):
+            if name in by:
+                lines.append(f"- {by[name]['label']} / reference: throughput {by[name]['pairs_s'] / ref['pairs_s']:.2f}x wall,"
+                             f" {by[name]['pairs_cpu_s'] / ref['pairs_cpu_s']:.2f}x per CPU-second;"
+                             f" peak memory {by[name]['peak_mb'] / ref['peak_mb']:.2f}x")
+    if scit:
+        lines.append(
+            f"- SCIT frozen passes of one batch of {scit['examples']} (median of 3, alternating): one batched call"
+            f" {scit['batched_s']:.2f} s vs one call per role {scit['separate_s']:.2f} s"
+            f" ({scit['separate_s'] / scit['batched_s']:.2f}x); padded tokens {scit['padded_tokens_batched']}"
+            f" vs {scit['padded_tokens_separate']}"
+        )
+    return "\n".join(lines)
+
+
+def report(command: str, args, body: str, notes: str, peaks: dict, minutes: float, torch_version: str, precision: str) -> str:
+    return f"""
+## Efficiency: RAHF-Dual steps 2-3 (`make bench-efficiency`)
+
+```
+{command}
+```
+
+Machine: {os.cpu_count()} CPU cores ({cpu_name()}), {args.threads} torch threads, shared with other
+jobs (load average at the end {load_average()}), no GPU. torch {torch_version}. Date:
+{date.today().isoformat()}. Wall time of the whole bench: {minutes:.1f} min. {peak_line(peaks, args.threads)}.
+Our default's precision on this machine: {precision}.
+
+Model: SmolLM2-135M-Instruct (embedded default), Dual, target layers 9..19 of 30, batch
+{BATCH_SIZE} fit examples, one epoch over {args.pairs} built-in pairs ({2 * args.pairs} examples:
+Dual fits both replies of a pair), after a warm-up step on one other example. Step-1 adapters are fresh
+random LoRAs (r 16, all linear layers). Medians over {args.reps} repetitions; each configuration
+runs in its own process; configurations alternate (order reversed every other repetition).
+Throughput is reported per wall second and per CPU second of the process (user + system time of
+all its threads): on a shared, oversubscribed machine the wall clock also measures the other
+jobs, the CPU time much less so. "peak RSS" is the process's high-water mark (getrusage, loading
+included); "RSS during fit" is the largest psutil sample while the timed epoch runs. "GFLOP per
+CPU-s" counts the FLOPs each configuration executes (padding included; formula in
+`bench/efficiency.py`); "of matmul peak" divides it by the matmul's GFLOP per CPU-s (the bf16
+matmul's for bf16 rows).
+
+{body}
+
+{notes}
+
+Ablations turn one optimisation off from the default. `batch_frozen` batches the roles that
+share a model state into one call: in Dual each role has its own state (base, preferred,
+dispreferred), so it changes nothing there and is measured on SCIT's frozen passes instead.
+Cached targets skip the frozen passes in every epoch after the one that builds the cache (its
+build time is shown). bf16 autocast keeps fp32 master weights; it is a precision change, not an
+exact optimisation, so it is not covered by the 1e-5 equivalence tests (`tests/test_efficiency.py`).
+
+### GPU check (`bench/gpu_check.py`)
+
+`python bench/gpu_check.py` runs one step of every stage (Dual step 1 both sides, SCIT step 1,
+fit with on-the-fly and with cached targets, export) on CUDA in bf16 with a randomly
+initialised model shaped like SmolLM2-135M (no downloads), checks that weights, LoRA master
+weights, targets and hidden states are where and in the dtype expected, times the Dual fit step
+with on-the-fly and cached targets, and prints a JSON summary. Without CUDA it says so and exits
+0; `--cpu` runs the same checks on the CPU with a 4-block model. It has not been run on a GPU
+yet: no GPU was lent to the task that wrote it.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reliability suite: faults, interruptions and bad inputs (see RELIABILITY.md)."""

@@ -1,0 +1,194 @@
+"""The SFT and DPO baselines on a tiny random model: align's layout, TRL wiring, invariants."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rahf.baselines import train_dpo, train_sft
+from rahf.config import load_config
+from rahf.testing import save_tiny, write_toy_pairs
+from rahf.training import TrainingError
+
+TRAIN = {"sft": train_sft, "dpo": train_dpo}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("baselines")
+    return save_tiny(root / "tiny", layers=2), write_toy_pairs(root / "pairs.jsonl", 20)
+
+
+def tiny_config(model, data, run_dir, *extra):
+    return load_config(None, [
+        f"model={model}", f"data={data}", f"run_dir={run_dir}", "validation_fraction=0.2",
+        "baseline.train.max_steps=3", "baseline.train.learning_rate=1e-2", "logging_steps=1",
+        "max_reply_tokens=16", "device=cpu", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory):
+    """Each baseline trained once for the tests that only read its outputs."""
+    model_dir, data = setup
+    root = tmp_path_factory.mktemp("runs")
+    configs = {method: tiny_config(model_dir, data, root / method) for method in TRAIN}
+    return {method: (TRAIN[method](config), config) for method, config in configs.items()}
+
+
+def records(final: Path) -> list[dict]:
+    return [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_outputs_in_align_layout_and_load(setup, runs, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, _ = setup
+    final, _ = runs[method]
+    for name in ("README.md", "metrics.jsonl", "loss.png", "config.yaml"):
+        assert (final / name).is_file(), name
+    assert f"# {method.upper()} baseline" in (final / "README.md").read_text()
+    base = json.loads((final / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).resolve() == Path(model_dir).resolve()
+    assert not (final / "merged" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final / "adapter").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+    logged = records(final)
+    assert [r["step"] for r in logged] == [1, 2, 3] and {r["stage"] for r in logged} == {method}
+
+
+def test_dpo_starts_at_log2_and_logs_rewards(runs):
+    """Policy == reference at step 1 (fresh LoRA), so the DPO loss is -log sigmoid(0) = log 2."""
+    logged = records(runs["dpo"][0])
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    for record in logged:
+        assert {"rewards/accuracies", "rewards/margins", "rewards/chosen"} <= record.keys()
+    assert logged[-1]["rewards/margins"] > 0  # lr 1e-2 on an easy set: chosen pulls ahead
+
+
+def test_sft_trains_on_reply_tokens_only_with_aligns_tokens(setup, tmp_path):
+    from rahf.baselines.sft import build_sft_trainer
+    from rahf.data.render import encode
+    from rahf.models import load_tokenizer
+    from rahf.pipeline import prepare_data, read_pairs
+
+    model_dir, data = setup
+    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4")
+    prepare_data(config, tmp_path)
+    pairs = read_pairs(tmp_path / "train.jsonl")
+    tokenizer = load_tokenizer(str(model_dir))
+    trainer = build_sft_trainer(config, pairs, tokenizer, tmp_path / "sft")
+    for pair, row in zip(pairs, trainer.train_dataset, strict=True):
+        encoded = encode(tokenizer, pair.prompt, pair.chosen, max_prompt_tokens=config.max_prompt_tokens, max_reply_tokens=4)
+        assert row["input_ids"] == encoded.input_ids
+        assert row["labels"] == [-100] * len(encoded.prompt_ids) + encoded.reply_ids
+
+
+def test_dpo_uses_aligns_tokens_and_no_reference_copy(setup, tmp_path):
+    from rahf.baselines.dpo import build_dpo_trainer
+    from rahf.data.render import encode
+    from rahf.models import load_tokenizer
+    from rahf.pipeline import prepare_data, read_pairs
+
+    model_dir, data = setup
+    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4")
+    prepare_data(config, tmp_path)
+    pairs = read_pairs(tmp_path / "train.jsonl")
+    tokenizer = load_tokenizer(str(model_dir))
+    trainer = build_dpo_trainer(config, pairs, tokenizer, tmp_path / "dpo")
+    assert trainer.ref_model is None  # LoRA: the reference is the adapter-disabled model
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
+    windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": 4}
+    for pair, row in zip(pairs, trainer.train_dataset, strict=True):
+        chosen = encode(tokenizer, pair.prompt, pair.chosen, **windows)
+        assert (row["prompt_ids"], row["chosen_ids"]) == (chosen.prompt_ids, chosen.reply_ids)
+        assert row["rejected_ids"] == encode(tokenizer, pair.prompt, pair.rejected, **windows).reply_ids
+
+
+def test_rerun_skips_finished_stages(runs, capsys):
+    capsys.readouterr()
+    final, config = runs["dpo"]
+    assert train_dpo(config) == final
+    out = capsys.readouterr().out
+    for stage in ("data", "dpo", "final"):
+        assert f"skipping {stage}" in out
+
+
+def test_nan_loss_stops_with_step_and_rerun_resumes(setup, tmp_path, monkeypatch, capsys):
+    from trl import DPOTrainer
+
+    real = DPOTrainer._compute_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(DPOTrainer, "_compute_loss", poisoned)
+    model_dir, data = setup
+    config = tiny_config(model_dir, data, tmp_path / "run", "save_steps=2")
+    with pytest.raises(TrainingError, match=r"dpo: loss became nan at step 3; last good checkpoint: .*checkpoint-2"):
+        train_dpo(config)
+    monkeypatch.setattr(DPOTrainer, "_compute_loss", real)
+    capsys.readouterr()
+    final = train_dpo(config)
+    assert "resuming from" in capsys.readouterr().out
+    # the log is rebuilt from the checkpoint's history: steps 1-2 come from the stopped run
+    assert [r["step"] for r in records(final)] == [1, 2, 3]
+
+
+def test_full_finetune_writes_merged_weights_only(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, data = setup
+    final = train_sft(tiny_config(model_dir, data, tmp_path / "run", "baseline.full_finetune=true"))
+    assert not (final / "adapter").exists()
+    assert "full fine-tuning" in (final / "README.md").read_text()
+    trained = AutoModelForCausalLM.from_pretrained(final / "merged")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)
+
+
+def test_full_finetune_dpo_reference_copy_starts_at_log2(setup, tmp_path):
+    """Without LoRA and without precomputing, TRL loads a second copy as the reference."""
+    model_dir, data = setup
+    config = tiny_config(
+        model_dir, data, tmp_path / "run", "baseline.full_finetune=true",
+        "baseline.precompute_ref_log_probs=false", "baseline.train.max_steps=1",
+    )
+    assert records(train_dpo(config))[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_cli_dpo(setup, tmp_path):
+    import yaml
+
+    from rahf.cli import main
+
+    model_dir, data = setup
+    run_dir = tmp_path / "run"
+    argv = ["baseline", "dpo", "--model", str(model_dir), "--data", str(data), "--run-dir", str(run_dir), "--max-steps", "2"]
+    assert main(argv + ["--device", "cpu"]) == 0
+    saved = yaml.safe_load((run_dir / "final" / "config.yaml").read_text())
+    assert saved["baseline"]["train"]["max_steps"] == 2
+    assert (run_dir / "final" / "merged" / "config.json").is_file()
+
+
+def test_cli_defaults_run_dir_per_method():
+    from rahf.baselines.commands import baseline_config
+    from rahf.cli import build_parser
+
+    parser = build_parser()
+    config = baseline_config(parser.parse_args(["baseline", "sft", "--max-steps", "3"]), "sft")
+    assert (config.run_dir, config.baseline.train.max_steps) == ("runs/sft", 3)
+    config = baseline_config(parser.parse_args(["baseline", "dpo", "--run-dir", "elsewhere"]), "dpo")
+    assert (config.run_dir, config.baseline.train.max_steps) == ("elsewhere", -1)
