@@ -61,7 +61,8 @@ def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from rahf.pipeline import align, format_plan, plan
+    from rahf.pipeline import align
+    from rahf.preflight import format_plan, plan
 
     config = config_from_args(args)
     if args.dry_run:

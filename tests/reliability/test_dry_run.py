@@ -33,7 +33,7 @@ def test_dry_run_validates_and_plans_without_loading_weights(tmp_path, assets, c
 
 def test_plan_reads_as_a_table(tmp_path, assets):
     from rahf.config import load_config
-    from rahf.pipeline import format_plan, plan
+    from rahf.preflight import format_plan, plan
 
     model, data = assets
     config = load_config(None, [f"model={model}", f"data={data}", f"run_dir={tmp_path / 'run'}", "method=scit",
