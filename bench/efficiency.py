@@ -18,7 +18,7 @@ values do not change throughput. Each (configuration, repetition) runs in a fres
 its peak resident memory is its own; configurations alternate within each repetition and the
 table reports medians. This machine's fp32 (and bf16) matmul peak is measured in the same run.
 
-    python bench/efficiency.py [--reps 3] [--pairs 4] [--threads N] [--rows a,b] [--no-write]
+    python bench/efficiency.py [--reps 3] [--pairs 8] [--threads N] [--rows a,b] [--no-write]
 
 FLOP count (analytic, documented in BENCHMARKS.md): per block and token a forward costs
 ``2 * P_block`` (P_block = weights of one block) plus LoRA ``2 * r * (in + out)`` per adapted
@@ -396,6 +396,7 @@ def summarise(results: list[dict], rows: list[Row], peaks: dict[str, dict[str, f
             "spread": (min(first["pairs"] / r["seconds"] for r in runs), max(first["pairs"] / r["seconds"] for r in runs)),
             "peak_mb": med["peak_rss_mb"], "fit_mb": med["peak_rss_fit_mb"],
             "gflops": gflops, "peak_share": gflops / peak, "padding": 1 - first["real_tokens"] / first["padded_tokens"],
+            "flops_pair": first["flops"] / first["pairs"],
             "cache_s": statistics.median(r["cache_seconds"] for r in runs) if first["cache_seconds"] else None,
         })
     return table
@@ -443,7 +444,7 @@ def load_average() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--pairs", type=int, default=4, help="pairs timed per configuration (x2 fit examples)")
+    parser.add_argument("--pairs", type=int, default=8, help="pairs timed per configuration (x2 fit examples)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated row names")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
@@ -519,6 +520,10 @@ def findings(table: list[dict], scit: dict) -> str:
         lines.append(f"- throughput default / reference = **{speed:.2f}x** wall, **{cpu_speed:.2f}x** per CPU-second"
                      f" (target >= 2x: {'met' if min(speed, cpu_speed) >= 2 else 'NOT met'})")
         lines.append(f"- peak memory default / reference = **{memory:.2f}x** (target <= 0.5x: {'met' if memory <= 0.5 else 'NOT met'})")
+        work = ref["flops_pair"] / default["flops_pair"]
+        lines.append(f"- FLOPs executed per pair, reference / default = {work:.2f}x: the most an fp32 default can gain"
+                     f" at equal efficiency (it runs at {default['peak_share']:.0%} of the matmul peak, the reference"
+                     f" at {ref['peak_share']:.0%}: smaller passes, and the step-1 adapters' small LoRA matmuls)")
         for name in ("bf16", "fp32"):
             if name in by:
                 lines.append(f"- {by[name]['label']} / reference: throughput {by[name]['pairs_s'] / ref['pairs_s']:.2f}x wall,"
@@ -566,10 +571,23 @@ matmul's for bf16 rows).
 
 Ablations turn one optimisation off from the default. `batch_frozen` batches the roles that
 share a model state into one call: in Dual each role has its own state (base, preferred,
-dispreferred), so it changes nothing there and is measured on SCIT's frozen passes instead.
-Cached targets skip the frozen passes in every epoch after the one that builds the cache (its
-build time is shown). bf16 autocast keeps fp32 master weights; it is a precision change, not an
-exact optimisation, so it is not covered by the 1e-5 equivalence tests (`tests/test_efficiency.py`).
+dispreferred), so it changes nothing there and is measured on SCIT's frozen passes instead; on
+this CPU the batched call is not faster (one long GEMM runs no faster per FLOP than three, and
+the shorter `orig` input is padded to the instruction inputs' width); on a GPU fewer, larger
+calls usually pay. Step-1 adapters (the default) cost throughput against merged copies (the
+adapters' rank-16 matmuls and adds in every linear of the preferred / dispreferred passes) and
+buy the memory. Cached targets skip the frozen passes in every epoch after the one that builds
+the cache (its build time is shown). bf16 autocast keeps fp32 master weights; it is a precision
+change, not an exact optimisation, so the 1e-5 equivalence tests (`tests/test_efficiency.py`)
+do not cover it; it is off by default on CPUs (`mixed_precision: auto` turns it on for bf16 GPUs
+only).
+
+Tried during development and not adopted (CPU time, median of 8 alternating runs, one batch of
+4 Dual examples, same machine): frozen passes under `torch.inference_mode` instead of
+`torch.no_grad`, under 1% faster; base, preferred and dispreferred in one PEFT mixed-adapter
+batch (`adapter_names`), 7% slower than three calls (PEFT copies each adapter's rows out and
+back). Adapter switching itself (`set_adapter` / `disable_adapter`) costs about 0.1 s per batch
+here, about 2% of a step.
 
 ### GPU check (`bench/gpu_check.py`)
 

@@ -665,21 +665,23 @@ Reading (the statements follow from the numbers above):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Budget()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (the data split is fixed)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run and report")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding alpacaeval-prefs/ and hh-harmless/")
     p.add_argument("--reward-model", help="use this RM folder instead of training one (must not have seen the policy pairs)")
-    p.add_argument("--train-pairs", type=int, default=d.train_pairs)
-    p.add_argument("--rm-pairs", type=int, default=d.rm_pairs)
+    p.add_argument("--train-pairs", type=int, default=d.train_pairs, help="policy training pairs, half per source")
+    p.add_argument("--rm-pairs", type=int, default=d.rm_pairs, help="alpacaeval pairs for the reward model")
     p.add_argument("--eval-pairs", type=int, default=d.eval_pairs, help="validation pairs per source")
     p.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="validation prompts per source")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step, every stage")
     p.add_argument("--steps", type=int, help="optimizer steps per training stage (default: one pass over the pairs)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="reply length limit for win rates")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="extra config override for one method, e.g. dpo:baseline.beta=0.2 (repeatable)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
+                   help="torch threads per job (jobs run one at a time)")
     p.add_argument("--out", type=Path, help="cache folder (default bench/out/quality, or quality-smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny budget end to end; prints, writes no BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")

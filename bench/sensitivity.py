@@ -52,6 +52,7 @@ MARKERS = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 ALPHAS = [0.0, 1.0, 2.5, 5.0, 10.0]
 BAND_NAMES = ("lower", "middle", "upper")
 DEFAULT_ALPHA = 5.0  # the paper's, and rahf's default
+METRICS = 2  # version of what a point's result file holds (2: accuracy and margin)
 # The stages every point shares with the first (pipeline.py's stage names).
 SHARED_STAGES = {"dual": ("data", "step1_preferred", "step1_dispreferred"), "scit": ("data", "step1")}
 
@@ -133,24 +134,29 @@ def link_shared(first: Path, run_dir: Path, stages: Sequence[str]) -> None:
                             copy_function=os.link)
 
 
-def accuracies(model_spec: str, val: dict[str, list], windows: dict[str, int]) -> dict[str, dict]:
-    """Preference accuracy per source and pooled, from one scoring pass."""
+def score(model_spec: str, val: dict[str, list], windows: dict[str, int]) -> dict[str, dict]:
+    """Per source and pooled, from one scoring pass: preference accuracy, and the mean margin
+    ``l(y+) - l(y-)`` of mean-token log-likelihoods (nats), which moves before accuracy does."""
     from rahf.evaluate.loading import load_for_eval
     from rahf.evaluate.preference import accuracy_from_scores
+    from rahf.evaluate.stats import bootstrap
     from rahf.scoring import PairScores, score_pairs
 
     model, tokenizer, _ = load_for_eval(model_spec, dtype="float32")
     pooled = [p for pairs in val.values() for p in pairs]
     scores = score_pairs(model, tokenizer, pooled, progress=False, **windows)
-    out, start = {}, 0
+    parts, start = {}, 0
     for source, pairs in val.items():
         part = slice(start, start + len(pairs))
         start += len(pairs)
-        out[source] = accuracy_from_scores(PairScores(scores.chosen_sum[part], scores.chosen_tokens[part],
-                                                      scores.rejected_sum[part], scores.rejected_tokens[part])).accuracy.to_dict()
+        parts[source] = PairScores(scores.chosen_sum[part], scores.chosen_tokens[part],
+                                   scores.rejected_sum[part], scores.rejected_tokens[part])
     if len(val) > 1:
-        out["pooled"] = accuracy_from_scores(scores).accuracy.to_dict()
-    return out
+        parts["pooled"] = scores
+    return {
+        "accuracy": {k: accuracy_from_scores(v).accuracy.to_dict() for k, v in parts.items()},
+        "margin": {k: bootstrap((v.chosen_mean - v.rejected_mean).double().numpy()).to_dict() for k, v in parts.items()},
+    }
 
 
 def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict, dict, list[Point]]:
@@ -170,7 +176,7 @@ def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict
         run_dir = root / point.name
         config = load_config(None, overrides(args.variant, budget, data["train"], run_dir, point))
         windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": config.reply_window}
-        result_file = run_dir / f"result-{digest(windows)}.json"
+        result_file = run_dir / f"result-{digest({**windows, 'metrics': METRICS})}.json"
         if result_file.exists():
             results[point.name] = json.loads(result_file.read_text())
             continue
@@ -182,14 +188,13 @@ def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict
         fit = (read_marker(run_dir / "fit" / "DONE.json") or {}).get("result", {})
         t = time.time()
         result = {"point": asdict(point), "layers": check_against_model(config, num_layers),
-                  "accuracy": accuracies(str(final / "merged"), data["val"], windows),
-                  "fit_seconds": fit.get("seconds"), "align_seconds": round(t - started, 1),
+                  **score(str(final / "merged"), data["val"], windows), "fit_seconds": fit.get("seconds"), "align_seconds": round(t - started, 1),
                   "eval_seconds": round(time.time() - t, 1)}
         atomic_write_json(result_file, result)
         results[point.name] = result
-    base_file = root / f"base-{digest(windows)}.json"
+    base_file = root / f"base-{digest({**windows, 'metrics': METRICS})}.json"
     if not base_file.exists():
-        atomic_write_json(base_file, accuracies("smollm2", data["val"], windows))
+        atomic_write_json(base_file, score("smollm2", data["val"], windows))
     step1 = [(read_marker(root / sweep[0].name / s / "DONE.json") or {}).get("result", {}).get("seconds", 0)
              for s in SHARED_STAGES[args.variant][1:]]
     results["_meta"] = {"origin": data["origin"], "n_train": data["n_train"], "windows": windows, "root": str(root),
@@ -198,7 +203,8 @@ def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict
 
 
 def plot(base: dict, results: dict, sweep: list[Point], folder: Path, variant: str) -> list[Path]:
-    """sensitivity_alpha.png (accuracy vs alpha) and sensitivity_layers.png (vs band)."""
+    """sensitivity_alpha.png and sensitivity_layers.png: accuracy (left) and margin (right) per
+    source and pooled, 95% bootstrap CIs; dotted lines: the base model."""
     import io
 
     import numpy as np
@@ -206,29 +212,32 @@ def plot(base: dict, results: dict, sweep: list[Point], folder: Path, variant: s
 
     from rahf.io import atomic_write_bytes
 
-    keys = list(base)
+    keys = list(base["accuracy"])
     written = []
     for sweep_name, xlabel in (("alpha", "alpha (target = orig + alpha * pattern)"), ("band", "target-layer band")):
         chosen = [p for p in sweep if p.sweep == sweep_name or (sweep_name == "band" and p.name == "alpha-5")]
         chosen.sort(key=lambda p: p.alpha if sweep_name == "alpha" else results[p.name]["layers"][0])
-        fig = Figure(figsize=(6, 3.6))
-        ax = fig.subplots()
         x = np.arange(len(chosen)) if sweep_name == "band" else np.array([p.alpha for p in chosen])
-        for k, key in enumerate(keys):
-            est = [results[p.name]["accuracy"][key] for p in chosen]
-            values = np.array([e["value"] for e in est])
-            err = np.array([[e["value"] - (e["low"] or e["value"]), (e["high"] or e["value"]) - e["value"]] for e in est]).T
-            shift = (k - (len(keys) - 1) / 2) * (0.08 if sweep_name == "band" else 0.12)
-            line = ax.errorbar(x + shift, values, yerr=err, marker="o", capsize=3, label=key,
-                               lw=2 if key == "pooled" else 1)
-            ax.axhline(base[key]["value"], color=line[0].get_color(), ls=":", lw=0.8)
-        if sweep_name == "band":
-            ax.set_xticks(x, [f"{p.name.removeprefix('band-').replace('alpha-5', 'default')}\n"
-                              f"{results[p.name]['layers'][0]}-{results[p.name]['layers'][-1]}" for p in chosen])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation preference accuracy")
-        ax.set_title(f"{LABELS[variant]}: dotted = base model", fontsize=9)
-        ax.legend(fontsize=7)
+        fig = Figure(figsize=(11, 3.8))
+        for ax, metric, ylabel in zip(fig.subplots(1, 2), ("accuracy", "margin"),
+                                      ("validation preference accuracy", "mean log-lik margin (chosen - rejected)"),
+                                      strict=True):
+            for k, key in enumerate(keys):
+                est = [results[p.name][metric][key] for p in chosen]
+                values = np.array([e["value"] for e in est])
+                err = np.array([[e["value"] - (e["low"] if e["low"] is not None else e["value"]),
+                                 (e["high"] if e["high"] is not None else e["value"]) - e["value"]] for e in est]).T
+                shift = (k - (len(keys) - 1) / 2) * (0.08 if sweep_name == "band" else 0.12)
+                line = ax.errorbar(x + shift, values, yerr=err, marker="o", capsize=3, label=key,
+                                   lw=2 if key == "pooled" else 1)
+                ax.axhline(base[metric][key]["value"], color=line[0].get_color(), ls=":", lw=0.8)
+            if sweep_name == "band":
+                ax.set_xticks(x, [f"{p.name.removeprefix('band-').replace('alpha-5', 'default')}\n"
+                                  f"{results[p.name]['layers'][0]}-{results[p.name]['layers'][-1]}" for p in chosen])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{LABELS[variant]}: dotted = base model", fontsize=9)
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)
@@ -238,25 +247,53 @@ def plot(base: dict, results: dict, sweep: list[Point], folder: Path, variant: s
     return written
 
 
+def _cell(e: dict, *, pct: bool = True) -> str:
+    f = (lambda v: f"{v:.1%}") if pct else (lambda v: f"{v:+.3f}")
+    return f"{f(e['value'])} [{f(e['low'])}, {f(e['high'])}]" if e.get("low") is not None else f(e["value"])
+
+
+def reading(base: dict, results: dict, sweep: list[Point]) -> list[str]:
+    """Statements that follow from the numbers alone."""
+    key = list(base["accuracy"])[-1]  # pooled when there are several sources
+    acc = {p.name: results[p.name]["accuracy"][key] for p in sweep}
+    margin = {p.name: results[p.name]["margin"][key] for p in sweep}
+    b_acc, b_margin = base["accuracy"][key]["value"], base["margin"][key]["value"]
+    notes = []
+    if "alpha-0" in acc:
+        notes.append(f"Control, alpha 0 (fit the model to its own activations): {key} accuracy {acc['alpha-0']['value']:.1%}"
+                     f" vs base {b_acc:.1%}, margin {margin['alpha-0']['value'] - b_margin:+.4f} vs base.")
+    far = max(acc, key=lambda n: abs(acc[n]["value"] - b_acc))
+    outside = [n for n, e in acc.items() if e["low"] is not None and not e["low"] <= b_acc <= e["high"]]
+    notes.append(f"Largest {key} accuracy change from base: {far} ({(acc[far]['value'] - b_acc) * 100:+.1f} points, "
+                 f"{round(abs(acc[far]['value'] - b_acc) * acc[far]['n'])} of {acc[far]['n']} pairs); points whose 95% CI "
+                 f"excludes the base accuracy: {', '.join(outside) or 'none'}.")
+    alphas = sorted((p.alpha, p.name) for p in sweep if p.sweep == "alpha")
+    notes.append(f"{key} margin vs alpha (base {b_margin:+.4f}): "
+                 + ", ".join(f"{a:g}: {margin[n]['value']:+.4f}" for a, n in alphas) + ".")
+    bands = sorted((results[p.name]["layers"][-1], p.name) for p in sweep if p.sweep == "band" or p.name == "alpha-5")
+    notes.append("Fit time by top target layer (the fit LoRA and its backward pass span the blocks below it): "
+                 + ", ".join(f"{n.removeprefix('band-').replace('alpha-5', 'default')} (top {t}) "
+                             f"{results[n]['fit_seconds']:.0f} s" for t, n in bands) + ".")
+    return notes
+
+
 def section(args: argparse.Namespace, budget: Budget, base: dict, results: dict, sweep: list[Point], command: str,
             minutes: float) -> str:
+    """The BENCHMARKS.md section: command, machine, budget, table, plots, reading."""
     meta = results["_meta"]
-    keys = list(base)
-
-    def cell(e: dict) -> str:
-        return f"{e['value']:.1%} [{e['low']:.1%}, {e['high']:.1%}]" if e.get("low") is not None else f"{e['value']:.1%}"
-
-    rows = [f"| sweep | alpha | target layers | {' | '.join(keys)} | fit s |", "|---|---|---|" + "---|" * len(keys) + "---|",
-            f"| base model | - | - | {' | '.join(cell(base[k]) for k in keys)} | - |"]
+    keys = list(base["accuracy"])
+    rows = [f"| sweep | alpha | target layers | accuracy {' | accuracy '.join(keys)} | {keys[-1]} margin | fit s |",
+            "|---|---|---|" + "---|" * (len(keys) + 2),
+            f"| base model | - | - | {' | '.join(_cell(base['accuracy'][k]) for k in keys)}"
+            f" | {_cell(base['margin'][keys[-1]], pct=False)} | - |"]
     for point in sorted(sweep, key=lambda p: (p.sweep, p.alpha, p.name)):
         r = results[point.name]
         layers = ",".join(map(str, r["layers"])) + (" (default)" if point.layers is None else f" ({point.name[5:]})")
-        rows.append(f"| {point.sweep} | {point.alpha:g} | {layers} | {' | '.join(cell(r['accuracy'][k]) for k in keys)}"
-                    f" | {r['fit_seconds']} |")
+        rows.append(f"| {point.sweep} | {point.alpha:g} | {layers} | {' | '.join(_cell(r['accuracy'][k]) for k in keys)}"
+                    f" | {_cell(r['margin'][keys[-1]], pct=False)} | {r['fit_seconds']:.0f} |")
     compute = (meta["step1_seconds"] + sum((results[p.name]["fit_seconds"] or 0) + results[p.name]["eval_seconds"]
                                            for p in sweep)) / 60
-    width = sum(e["high"] - e["low"] for p in sweep if (e := results[p.name]["accuracy"][keys[-1]])["low"] is not None)
-    best = max((p for p in sweep), key=lambda p: results[p.name]["accuracy"][keys[-1]]["value"])
+    notes = "\n".join(f"- {n}" for n in reading(base, results, sweep))
     return f"""
 ## Sensitivity: {LABELS[args.variant]} alpha and target-layer band
 
@@ -268,32 +305,37 @@ Machine: {machine()}. Date: {date.today().isoformat()}. Compute: {compute:.0f} m
 fit and scoring per point); this invocation {minutes:.0f} min (cached points are read, not rerun).
 
 Budget (the `rahf demo --quick` settings): {meta['n_train']} training pairs from {meta['origin']};
-step 1 {budget.step1_steps} steps, fit {budget.fit_steps} steps per point, batch {budget.batch_size};
-step 1 runs once ({meta['step1_seconds']:.0f} s) and every point reuses it. Metric: preference accuracy
-(mean-token log-likelihood over the first {meta['windows']['max_reply_tokens']} reply tokens) on
-{budget.eval_pairs} validation pairs per source, 95% bootstrap CI; the band sweep runs at alpha
-{DEFAULT_ALPHA:g}, the alpha sweep at the default layers.
+step 1 {budget.step1_steps} steps per side, fit {budget.fit_steps} steps per point, batch {budget.batch_size};
+step 1 runs once ({meta['step1_seconds']:.0f} s) and every point reuses it. Metrics on {budget.eval_pairs}
+validation pairs per source (first {meta['windows']['max_reply_tokens']} reply tokens): preference
+accuracy (mean-token log-likelihood) and the mean margin l(chosen) - l(rejected) of mean-token
+log-likelihoods in nats, both with 95% bootstrap CIs. The band sweep runs at alpha {DEFAULT_ALPHA:g},
+the alpha sweep at the default layers.
 
 {chr(10).join(rows)}
 
-![accuracy vs alpha](docs/img/sensitivity_alpha.png) ![accuracy vs layer band](docs/img/sensitivity_layers.png)
+![accuracy and margin vs alpha](docs/img/sensitivity_alpha.png)
+![accuracy and margin vs layer band](docs/img/sensitivity_layers.png)
 
-Best point on {keys[-1]}: {best.name} ({cell(results[best.name]['accuracy'][keys[-1]])}). With {budget.eval_pairs}
-pairs per source the {keys[-1]} intervals are about {width / len(sweep):.0%} wide: read the direction of a
-trend, not differences of a few points. alpha 0 fits the model to its own activations (a control: any change
-from the base model there is the fit's noise, not the preference signal).
+Reading (the statements follow from the numbers above):
+
+{notes}
+- With {budget.eval_pairs} pairs per source one pair is {1 / budget.eval_pairs:.0%} of a source's accuracy: read
+  trends in the margin, and take a setting from this sweep only where its interval clears the base model.
 """
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Budget()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", choices=("dual", "scit"), default="dual")
-    p.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
-    p.add_argument("--bands", nargs="+", choices=BAND_NAMES, default=list(BAND_NAMES))
-    p.add_argument("--train-pairs", type=int, default=d.train_pairs)
-    p.add_argument("--step1-steps", type=int, default=d.step1_steps)
-    p.add_argument("--fit-steps", type=int, default=d.fit_steps)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--variant", choices=("dual", "scit"), default="dual", help="RAHF variant swept")
+    p.add_argument("--alphas", type=float, nargs="+", default=ALPHAS, help="alphas at the default layers")
+    p.add_argument("--bands", nargs="+", choices=BAND_NAMES, default=list(BAND_NAMES),
+                   help=f"thirds of the depth, at alpha {DEFAULT_ALPHA:g}")
+    p.add_argument("--train-pairs", type=int, default=d.train_pairs, help="half per source")
+    p.add_argument("--step1-steps", type=int, default=d.step1_steps, help="step-1 optimizer steps (once)")
+    p.add_argument("--fit-steps", type=int, default=d.fit_steps, help="fit optimizer steps per point")
     p.add_argument("--eval-pairs", type=int, default=d.eval_pairs, help="validation pairs per source")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--out", type=Path, help="cache folder (default bench/out/sensitivity, or sensitivity-smoke)")

@@ -285,13 +285,14 @@ def fit_stage(config, run: RunDir, train, tokenizer, layers, base: str, step1_di
         layers=layers, alpha=config.patterns.alpha, passes=pattern_passes(config), frozen=frozen,
         pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward and config.fit.kl_weight == 0,
         batch_frozen=config.fit.batch_frozen, kl_weight=config.fit.kl_weight,
+        group_by_length=config.fit.group_by_length,
     )
     if config.fit.targets == "cached":
         cache_dir = run.stage("targets")
 
         def build_cache() -> None:
             if is_main_process():
-                compute_cache(trainer, examples, cache_dir, batch_size=config.fit.train.batch_size)
+                compute_cache(trainer, examples, cache_dir, batch_size=config.fit.train.batch_size, dtype=config.fit.cache_dtype)
                 run.mark_done("targets")
             wait_for_everyone()
 
