@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,9 +45,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from benchlib import cpu_name, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-START, END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
 BATCH_SIZE = 4  # fit.train.batch_size default
 
 
@@ -359,16 +359,6 @@ def matmul_peak(threads: int, dtype_name: str = "float32", n: int = 2048, tries:
     return {"wall": 2 * n**3 / wall / 1e9, "cpu": 2 * n**3 / max(cpu, 1e-9) / 1e9}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def spawn(args: list[str], threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -416,22 +406,6 @@ def render(table: list[dict]) -> str:
             f" {t['peak_share']:.0%} | {t['padding']:.1%} |"
         )
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace only our part of BENCHMARKS.md (create the file if it does not exist)."""
-    from rahf.io import atomic_write_text
-
-    section = f"{START}\n{text.strip()}\n{END}"
-    if not path.exists():
-        atomic_write_text(path, section + "\n")
-        return
-    current = path.read_text()
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        atomic_write_text(path, head + section + rest.split(END, 1)[1])
-    else:
-        atomic_write_text(path, current.rstrip("\n") + "\n\n" + section + "\n")
 
 
 def load_average() -> str:
@@ -498,7 +472,7 @@ def main() -> int:
           f"\nload average after: {load_average()}; wall {minutes:.1f} min")
     if args.no_write:
         return 0
-    write_section(report(command, args, render(table), notes, peaks, minutes, torch.__version__, precision))
+    write_section("efficiency", report(command, args, render(table), notes, peaks, minutes, torch.__version__, precision))
     print(f"wrote the efficiency section of {BENCHMARKS}")
     return 0
 

@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
+from benchlib import cpu_name, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "alpacaeval-prefs" / "dev.jsonl.gz"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-START, END = "<!-- reward-model:start -->", "<!-- reward-model:end -->"
 
 # Measured: ~70 tokens/s forward for SmolLM2-135M on this box's 2 shared cores, so a pair
 # (2 inputs of ~150 tokens) costs ~5 s to train on and ~4 s to validate.
@@ -38,33 +38,6 @@ MAX_LENGTH = 192
 MAX_REPLY_TOKENS = 128
 BATCH_SIZE = 4
 LR = 5e-4
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace only our part of BENCHMARKS.md (create the file if it does not exist)."""
-    from rahf.io import atomic_write_text
-
-    section = f"{START}\n{text.strip()}\n{END}"
-    if not path.exists():
-        atomic_write_text(path, section + "\n")
-        return
-    current = path.read_text()
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        atomic_write_text(path, head + section + tail)
-    else:
-        atomic_write_text(path, current.rstrip("\n") + "\n\n" + section + "\n")
 
 
 def fmt(estimate: dict) -> str:
@@ -116,7 +89,7 @@ def main() -> int:
     if args.no_write:
         return 0
     env = metrics["environment"]
-    write_section(f"""
+    write_section("reward-model", f"""
 ## Reward model: `rahf train-rm` on AlpacaEval preference pairs
 
 A Bradley-Terry reward model on SmolLM2-135M-Instruct (the embedded default): LoRA (r 16) in the

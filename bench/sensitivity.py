@@ -52,7 +52,7 @@ MARKERS = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 ALPHAS = [0.0, 1.0, 2.5, 5.0, 10.0]
 BAND_NAMES = ("lower", "middle", "upper")
 DEFAULT_ALPHA = 5.0  # the paper's, and rahf's default
-METRICS = 2  # version of what a point's result file holds (2: accuracy and margin)
+METRICS = 3  # version of what a point's result file holds (3: accuracy, margin, per-pair margins)
 # The stages every point shares with the first (pipeline.py's stage names).
 SHARED_STAGES = {"dual": ("data", "step1_preferred", "step1_dispreferred"), "scit": ("data", "step1")}
 
@@ -156,7 +156,18 @@ def score(model_spec: str, val: dict[str, list], windows: dict[str, int]) -> dic
     return {
         "accuracy": {k: accuracy_from_scores(v).accuracy.to_dict() for k, v in parts.items()},
         "margin": {k: bootstrap((v.chosen_mean - v.rejected_mean).double().numpy()).to_dict() for k, v in parts.items()},
+        "pair_margins": (scores.chosen_mean - scores.rejected_mean).tolist(),  # pooled order, for paired deltas
     }
+
+
+def margin_delta(point: dict, base: dict) -> dict:
+    """Mean change of the per-pair margin from the base model, with a paired bootstrap 95% CI
+    (the same pairs under both models, so pair-to-pair spread cancels)."""
+    import numpy as np
+
+    from rahf.evaluate.stats import bootstrap
+
+    return bootstrap(np.asarray(point["pair_margins"]) - np.asarray(base["pair_margins"])).to_dict()
 
 
 def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict, dict, list[Point]]:
@@ -202,9 +213,15 @@ def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict
     return json.loads(base_file.read_text()), results, sweep
 
 
+def _errors(estimates: list[dict]) -> list[list[float]]:
+    """(2, n) error-bar lengths of estimates with optional bootstrap bounds."""
+    return [[e["value"] - (e["low"] if e["low"] is not None else e["value"]) for e in estimates],
+            [(e["high"] if e["high"] is not None else e["value"]) - e["value"] for e in estimates]]
+
+
 def plot(base: dict, results: dict, sweep: list[Point], folder: Path, variant: str) -> list[Path]:
-    """sensitivity_alpha.png and sensitivity_layers.png: accuracy (left) and margin (right) per
-    source and pooled, 95% bootstrap CIs; dotted lines: the base model."""
+    """sensitivity_alpha.png and sensitivity_layers.png: left, accuracy per source and pooled
+    (95% bootstrap CIs, dotted: the base model); right, the margin change from base (paired CI)."""
     import io
 
     import numpy as np
@@ -219,24 +236,24 @@ def plot(base: dict, results: dict, sweep: list[Point], folder: Path, variant: s
         chosen.sort(key=lambda p: p.alpha if sweep_name == "alpha" else results[p.name]["layers"][0])
         x = np.arange(len(chosen)) if sweep_name == "band" else np.array([p.alpha for p in chosen])
         fig = Figure(figsize=(11, 3.8))
-        for ax, metric, ylabel in zip(fig.subplots(1, 2), ("accuracy", "margin"),
-                                      ("validation preference accuracy", "mean log-lik margin (chosen - rejected)"),
-                                      strict=True):
-            for k, key in enumerate(keys):
-                est = [results[p.name][metric][key] for p in chosen]
-                values = np.array([e["value"] for e in est])
-                err = np.array([[e["value"] - (e["low"] if e["low"] is not None else e["value"]),
-                                 (e["high"] if e["high"] is not None else e["value"]) - e["value"]] for e in est]).T
-                shift = (k - (len(keys) - 1) / 2) * (0.08 if sweep_name == "band" else 0.12)
-                line = ax.errorbar(x + shift, values, yerr=err, marker="o", capsize=3, label=key,
-                                   lw=2 if key == "pooled" else 1)
-                ax.axhline(base[metric][key]["value"], color=line[0].get_color(), ls=":", lw=0.8)
+        left, right = fig.subplots(1, 2)
+        for k, key in enumerate(keys):  # left: accuracy per source and pooled, dotted: base
+            est = [results[p.name]["accuracy"][key] for p in chosen]
+            shift = (k - (len(keys) - 1) / 2) * (0.08 if sweep_name == "band" else 0.12)
+            line = left.errorbar(x + shift, [e["value"] for e in est], yerr=_errors(est), marker="o", capsize=3,
+                                 label=key, lw=2 if key == "pooled" else 1)
+            left.axhline(base["accuracy"][key]["value"], color=line[0].get_color(), ls=":", lw=0.8)
+        deltas = [margin_delta(results[p.name], base) for p in chosen]  # right: paired margin change
+        right.errorbar(x, [d["value"] for d in deltas], yerr=_errors(deltas), marker="o", capsize=3, color="green")
+        right.axhline(0, color="grey", ls=":", lw=0.8)
+        for ax, ylabel in ((left, "validation preference accuracy"),
+                           (right, f"{keys[-1]} margin - base margin (nats)")):
             if sweep_name == "band":
                 ax.set_xticks(x, [f"{p.name.removeprefix('band-').replace('alpha-5', 'default')}\n"
                                   f"{results[p.name]['layers'][0]}-{results[p.name]['layers'][-1]}" for p in chosen])
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            ax.legend(fontsize=7)
+        left.legend(fontsize=7)
         fig.suptitle(f"{LABELS[variant]}: dotted = base model", fontsize=9)
         fig.tight_layout()
         buffer = io.BytesIO()
@@ -267,9 +284,12 @@ def reading(base: dict, results: dict, sweep: list[Point]) -> list[str]:
     notes.append(f"Largest {key} accuracy change from base: {far} ({(acc[far]['value'] - b_acc) * 100:+.1f} points, "
                  f"{round(abs(acc[far]['value'] - b_acc) * acc[far]['n'])} of {acc[far]['n']} pairs); points whose 95% CI "
                  f"excludes the base accuracy: {', '.join(outside) or 'none'}.")
+    deltas = {p.name: margin_delta(results[p.name], base) for p in sweep}
+    cleared = [n for n, d in deltas.items() if d["low"] is not None and d["low"] > 0]
     alphas = sorted((p.alpha, p.name) for p in sweep if p.sweep == "alpha")
-    notes.append(f"{key} margin vs alpha (base {b_margin:+.4f}): "
-                 + ", ".join(f"{a:g}: {margin[n]['value']:+.4f}" for a, n in alphas) + ".")
+    notes.append(f"{key} margin change from base by alpha: "
+                 + ", ".join(f"{a:g}: {deltas[n]['value']:+.3f}" for a, n in alphas)
+                 + f"; points whose paired CI of the margin change is above 0: {', '.join(cleared) or 'none'}.")
     bands = sorted((results[p.name]["layers"][-1], p.name) for p in sweep if p.sweep == "band" or p.name == "alpha-5")
     notes.append("Fit time by top target layer (the fit LoRA and its backward pass span the blocks below it): "
                  + ", ".join(f"{n.removeprefix('band-').replace('alpha-5', 'default')} (top {t}) "
@@ -282,15 +302,15 @@ def section(args: argparse.Namespace, budget: Budget, base: dict, results: dict,
     """The BENCHMARKS.md section: command, machine, budget, table, plots, reading."""
     meta = results["_meta"]
     keys = list(base["accuracy"])
-    rows = [f"| sweep | alpha | target layers | accuracy {' | accuracy '.join(keys)} | {keys[-1]} margin | fit s |",
-            "|---|---|---|" + "---|" * (len(keys) + 2),
+    rows = [f"| sweep | alpha | target layers | accuracy {' | accuracy '.join(keys)} | margin | margin - base (paired CI) | fit s |",
+            "|---|---|---|" + "---|" * (len(keys) + 3),
             f"| base model | - | - | {' | '.join(_cell(base['accuracy'][k]) for k in keys)}"
-            f" | {_cell(base['margin'][keys[-1]], pct=False)} | - |"]
+            f" | {base['margin'][keys[-1]]['value']:+.3f} | - | - |"]
     for point in sorted(sweep, key=lambda p: (p.sweep, p.alpha, p.name)):
         r = results[point.name]
         layers = ",".join(map(str, r["layers"])) + (" (default)" if point.layers is None else f" ({point.name[5:]})")
         rows.append(f"| {point.sweep} | {point.alpha:g} | {layers} | {' | '.join(_cell(r['accuracy'][k]) for k in keys)}"
-                    f" | {_cell(r['margin'][keys[-1]], pct=False)} | {r['fit_seconds']:.0f} |")
+                    f" | {r['margin'][keys[-1]]['value']:+.3f} | {_cell(margin_delta(r, base), pct=False)} | {r['fit_seconds']:.0f} |")
     compute = (meta["step1_seconds"] + sum((results[p.name]["fit_seconds"] or 0) + results[p.name]["eval_seconds"]
                                            for p in sweep)) / 60
     notes = "\n".join(f"- {n}" for n in reading(base, results, sweep))
@@ -308,8 +328,9 @@ Budget (the `rahf demo --quick` settings): {meta['n_train']} training pairs from
 step 1 {budget.step1_steps} steps per side, fit {budget.fit_steps} steps per point, batch {budget.batch_size};
 step 1 runs once ({meta['step1_seconds']:.0f} s) and every point reuses it. Metrics on {budget.eval_pairs}
 validation pairs per source (first {meta['windows']['max_reply_tokens']} reply tokens): preference
-accuracy (mean-token log-likelihood) and the mean margin l(chosen) - l(rejected) of mean-token
-log-likelihoods in nats, both with 95% bootstrap CIs. The band sweep runs at alpha {DEFAULT_ALPHA:g},
+accuracy (mean-token log-likelihood, 95% bootstrap CI) and the {keys[-1]} margin l(chosen) - l(rejected)
+of mean-token log-likelihoods in nats, with its change from the base model (paired bootstrap
+95% CI over the same pairs: the finer signal at this size). The band sweep runs at alpha {DEFAULT_ALPHA:g},
 the alpha sweep at the default layers.
 
 {chr(10).join(rows)}
