@@ -34,19 +34,19 @@ _COMMON = [
 _BUDGET = {
     ("dual", False): [
         "step1.train.epochs=1", "step1.train.learning_rate=1e-3",
-        "fit.train.epochs=1", "fit.train.learning_rate=1e-3", "patterns.alpha=5",
+        "fit.train.epochs=1", "fit.train.learning_rate=1e-3", "patterns.alpha=2.5",
     ],
     ("dual", True): [
         "max_pairs=48", "step1.train.max_steps=6", "step1.train.learning_rate=1e-3",
-        "fit.train.max_steps=6", "fit.train.learning_rate=1e-3", "patterns.alpha=5",
+        "fit.train.max_steps=6", "fit.train.learning_rate=1e-3", "patterns.alpha=2.5",
     ],
     ("scit", False): [
         "step1.train.epochs=1", "step1.train.learning_rate=5e-4",
-        "fit.train.epochs=1", "fit.train.learning_rate=1e-3", "patterns.alpha=5",
+        "fit.train.epochs=1", "fit.train.learning_rate=1e-3", "patterns.alpha=2.5",
     ],
     ("scit", True): [
         "max_pairs=32", "step1.train.max_steps=4", "step1.train.learning_rate=1e-3",
-        "fit.train.max_steps=6", "fit.train.learning_rate=1e-3", "patterns.alpha=5",
+        "fit.train.max_steps=6", "fit.train.learning_rate=1e-3", "patterns.alpha=2.5",
     ],
 }
 
