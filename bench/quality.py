@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -40,12 +39,14 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from benchlib import BENCHMARKS, cpu_name, write_section
+
+from rahf.demo import demo_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench" / "out" / "quality"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 PLOT = ROOT / "docs" / "img" / "quality.png"
-MARKERS = ("<!-- quality:start -->", "<!-- quality:end -->")
 
 # source -> (file under the data folder, are its prompts harmful requests?)
 SOURCES: dict[str, tuple[str, bool]] = {
@@ -66,14 +67,14 @@ SPLIT_SEED = 0  # the data split is fixed; --seeds vary LoRA init, data order an
 # Tune them on the validation split only (the held-out splits judge the project).
 # - SFT / DPO: LoRA r 16 / alpha 32 on all linear layers, lr 5e-4 constant, DPO beta 0.1: the
 #   baseline defaults, from the team's lesson "lr 5e-4 LoRA all-linear moved DPO ~12 points".
-# - RAHF: the full `rahf demo` budget (rahf.demo._BUDGET, chosen on the built-in data's
-#   validation split): step 1 lr 5e-4 (LoRA r 16 all-linear), fit lr 1e-3 (LoRA r 8 on q/v),
-#   alpha 5, default target layers. Their epochs are replaced by the matched step count.
+# - RAHF: the full `rahf demo` budget (rahf.demo, chosen on the built-in data's validation
+#   split; step-1 and fit learning rates, alpha, windows), so the bench follows the demo when
+#   the team retunes it. Its epochs are replaced by the matched step count below.
 HYPER: dict[str, list[str]] = {
     "sft": ["baseline.train.learning_rate=5e-4"],
     "dpo": ["baseline.train.learning_rate=5e-4", "baseline.beta=0.1"],
-    "scit": ["step1.train.learning_rate=5e-4", "fit.train.learning_rate=1e-3", "patterns.alpha=5"],
-    "dual": ["step1.train.learning_rate=5e-4", "fit.train.learning_rate=1e-3", "patterns.alpha=5"],
+    "scit": demo_overrides("scit", False),
+    "dual": demo_overrides("dual", False),
 }
 # The reward model: bench/reward_model.py's settings (LoRA in the top 4 blocks, short inputs).
 RM_SETTINGS = {"lora_layers": 4, "max_length": 192, "max_reply_tokens": 128, "batch_size": 4, "lr": 5e-4}
@@ -108,22 +109,12 @@ SMOKE = Budget(train_pairs=24, rm_pairs=24, rm_max_steps=2, eval_pairs=8, eval_p
                steps=2, max_new_tokens=16)
 
 
-# ------------------------------------------------------------------ small helpers (also used by sensitivity.py)
+# ------------------------------------------------------------------ helpers (also used by sensitivity.py)
 
 
 def digest(obj: Any) -> str:
     """Short stable hash of a JSON-able object: the cache keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine() -> str:
@@ -137,20 +128,6 @@ def _cuda() -> str | None:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-def write_section(text: str, markers: tuple[str, str], path: Path = BENCHMARKS) -> None:
-    """Replace only the text between our markers (appended at the end if they are missing)."""
-    from rahf.io import atomic_write_text
-
-    start, end = markers
-    section = f"{start}\n{text.strip()}\n{end}"
-    current = path.read_text() if path.exists() else ""
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        atomic_write_text(path, head + section + rest.split(end, 1)[1])
-    else:
-        atomic_write_text(path, (current.rstrip("\n") + "\n\n" if current.strip() else "") + section + "\n")
 
 
 def interleave_by_prompt(pairs: Sequence[Any]) -> list[Any]:
@@ -352,7 +329,7 @@ def method_overrides(method: str, budget: Budget, seed: int, data: Path, run_dir
     else:
         sized = [f"method={method}"] + [f"{stage}.train.{key}" for stage in ("step1", "fit")
                                          for key in (f"max_steps={steps}", f"batch_size={batch}")]
-    return [*common, *HYPER[method], *sized, *budget.overrides.get(method, [])]
+    return [*HYPER[method], *common, *sized, *budget.overrides.get(method, [])]
 
 
 def prepare(budget: Budget, data_dir: Path, out: Path) -> Path:
@@ -410,7 +387,7 @@ def run_all(args: argparse.Namespace, budget: Budget, data_dir: Path, out: Path)
     data = prepare(budget, data_dir, out)
     print(f"data: {json.loads((data / 'manifest.json').read_text())['counts']} in {data}", flush=True)
     if args.reward_model:
-        rm_path, rm_info = args.reward_model, {"given": args.reward_model}
+        rm_path, rm_info = str(Path(args.reward_model).resolve()), {"given": args.reward_model}
     else:
         rm_path, rm_info = reward_model(budget, data, args.threads)
     eval_settings = {"max_prompt_tokens": budget.max_prompt_tokens, "max_reply_tokens": budget.max_reply_tokens,
@@ -640,7 +617,7 @@ Model SmolLM2-135M-Instruct (embedded default). Data `../shared/data` dev files,
 {budget.stage_steps} optimizer steps x batch {budget.batch_size} on those pairs (SFT, DPO: 1 stage;
 SCIT: step 1 + fit; Dual: 2 step-1 sides + fit). Windows: prompt {budget.max_prompt_tokens}, reply
 {budget.max_reply_tokens} tokens, for training and scoring. Settings per method: `HYPER` in
-`bench/quality.py` (LoRA everywhere; SFT/DPO lr 5e-4, DPO beta 0.1; RAHF the `rahf demo` budget).
+`bench/quality.py` (LoRA everywhere; SFT/DPO lr 5e-4, DPO beta 0.1; RAHF the `rahf demo` settings).
 Validation preference accuracy: mean-token log-likelihood on the first {budget.eval_pairs} validation
 pairs per source (spread over prompts). Win rate: greedy replies (max {budget.max_new_tokens} new
 tokens) to {budget.eval_prompts} validation prompts per source, scored against the base model's
@@ -724,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     print(f"plot: {png}; total {(time.time() - started) / 60:.1f} min; budget {json.dumps(asdict(budget))}")
     if not (args.smoke or args.no_write):
-        write_section(text, MARKERS)
+        write_section("quality", text)
         print(f"wrote the quality section of {BENCHMARKS}")
     return 0
 

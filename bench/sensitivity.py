@@ -33,22 +33,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from quality import (
-    BENCHMARKS,
-    DATA_DIR,
-    LABELS,
-    SOURCES,
-    digest,
-    machine,
-    mixed_splits,
-    write_pairs,
-    write_section,
-)
+from benchlib import write_section
+from quality import DATA_DIR, LABELS, SOURCES, digest, machine, mixed_splits, write_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "sensitivity"
 IMG = ROOT / "docs" / "img"
-MARKERS = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 ALPHAS = [0.0, 1.0, 2.5, 5.0, 10.0]
 BAND_NAMES = ("lower", "middle", "upper")
 DEFAULT_ALPHA = 5.0  # the paper's, and rahf's default
@@ -290,10 +280,18 @@ def reading(base: dict, results: dict, sweep: list[Point]) -> list[str]:
     notes.append(f"{key} margin change from base by alpha: "
                  + ", ".join(f"{a:g}: {deltas[n]['value']:+.3f}" for a, n in alphas)
                  + f"; points whose paired CI of the margin change is above 0: {', '.join(cleared) or 'none'}.")
+    positive = [deltas[n]["value"] for a, n in alphas if a > 0]
+    if len(positive) > 1 and max(positive) - min(positive) < 0.01:
+        notes.append("Every alpha > 0 lands within 0.01 nats of the others. Expected early in the fit: there h = A_o,"
+                     " so h - T = -alpha * v, and the gradient of the (unsquared) L2 loss, like Adam's scale-free step,"
+                     " is the same for every alpha > 0; alpha matters only once h nears the targets. A short fit"
+                     " cannot rank alphas: sweep them at the full budget.")
     bands = sorted((results[p.name]["layers"][-1], p.name) for p in sweep if p.sweep == "band" or p.name == "alpha-5")
     notes.append("Fit time by top target layer (the fit LoRA and its backward pass span the blocks below it): "
                  + ", ".join(f"{n.removeprefix('band-').replace('alpha-5', 'default')} (top {t}) "
-                             f"{results[n]['fit_seconds']:.0f} s" for t, n in bands) + ".")
+                             f"{results[n]['fit_seconds']:.0f} s" for t, n in bands)
+                 + ". A higher band therefore also trains a larger adapter: its effect mixes layer position"
+                   " with adapter size.")
     return notes
 
 
@@ -324,7 +322,7 @@ def section(args: argparse.Namespace, budget: Budget, base: dict, results: dict,
 Machine: {machine()}. Date: {date.today().isoformat()}. Compute: {compute:.0f} min (step 1 once, then
 fit and scoring per point); this invocation {minutes:.0f} min (cached points are read, not rerun).
 
-Budget (the `rahf demo --quick` settings): {meta['n_train']} training pairs from {meta['origin']};
+Budget (learning rates and windows of `rahf demo --quick`): {meta['n_train']} training pairs from {meta['origin']};
 step 1 {budget.step1_steps} steps per side, fit {budget.fit_steps} steps per point, batch {budget.batch_size};
 step 1 runs once ({meta['step1_seconds']:.0f} s) and every point reuses it. Metrics on {budget.eval_pairs}
 validation pairs per source (first {meta['windows']['max_reply_tokens']} reply tokens): preference
@@ -385,8 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     print(f"plots: {', '.join(map(str, pngs))}; runs in {results['_meta']['root']}")
     if write:
-        write_section(text, MARKERS, BENCHMARKS)
-        print(f"wrote the sensitivity section of {BENCHMARKS}")
+        write_section("sensitivity", text)
+        print("wrote the sensitivity section of BENCHMARKS.md")
     return 0
 
 
