@@ -19,6 +19,8 @@ DEMO_PROMPTS = [
     "Who won the 2031 Nobel Prize in Physics?",
 ]
 
+QUICK_VALIDATION_PAIRS = 24  # --quick scores fewer pairs to stay under 3 minutes
+
 # Shared by both variants; method-specific settings follow.
 _COMMON = [
     "model=smollm2",
@@ -37,8 +39,8 @@ _BUDGET = {
         "fit.train.epochs=1", "fit.train.learning_rate=1e-3", "patterns.alpha=2.5",
     ],
     ("dual", True): [
-        "max_pairs=48", "step1.train.max_steps=6", "step1.train.learning_rate=1e-3",
-        "fit.train.max_steps=6", "fit.train.learning_rate=1e-3", "patterns.alpha=2.5",
+        "max_pairs=32", "step1.train.max_steps=4", "step1.train.learning_rate=1e-3",
+        "fit.train.max_steps=4", "fit.train.learning_rate=1e-3", "patterns.alpha=2.5",
     ],
     ("scit", False): [
         "step1.train.epochs=1", "step1.train.learning_rate=5e-4",
@@ -72,6 +74,8 @@ def run_demo(*, method: str = "dual", quick: bool = False, run_dir: str | None =
 
     tokenizer = load_tokenizer(config.model)
     validation = read_pairs(Path(run_dir) / "data" / "validation.jsonl")
+    if quick:
+        validation = validation[:QUICK_VALIDATION_PAIRS]
     models = {"before": config.model, "after": str(final / "merged")}
     results: dict = {"method": method, "quick": quick, "validation_pairs": len(validation), "run_dir": run_dir}
     conversations = [[{"role": "user", "content": p}] for p in DEMO_PROMPTS]
