@@ -31,6 +31,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def join_process_group() -> None:
+    """Under torchrun / accelerate launch, join the process group so stages can wait for each other."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
 def wait_for_everyone() -> None:
     import torch.distributed as dist
 

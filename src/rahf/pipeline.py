@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from rahf.io import (
     folder_manifest,
     inject_fault,
     is_main_process,
+    join_process_group,
     manifest_problem,
     read_marker,
     remove_stale_temps,
@@ -205,10 +205,7 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
     run = RunDir(config.run_dir)
     layers = target_layers(config)  # validate before any work
     preflight(config)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState()  # joins the process group so stages can wait for each other
+    join_process_group()
     run.check_config(config, overwrite=overwrite)
     tokenizer = load_tokenizer(config.model)
     log: dict[str, list] = {}

@@ -17,7 +17,6 @@ every method sees the same prompt rendering and the same ``max_prompt_tokens`` /
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -47,15 +46,12 @@ def train_dpo(config: AlignConfig, *, overwrite: bool = False) -> Path:
 
 def run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwrite: bool = False) -> Path:
     """data -> ``method`` -> final, with align's RunDir, resume rules and export."""
-    from rahf.io import atomic_write_text
+    from rahf.io import atomic_write_text, join_process_group
     from rahf.models import load_tokenizer, resolve_model_path
     from rahf.pipeline import RunDir, prepare_data, read_pairs, run_stage
 
     run = RunDir(config.run_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState()  # joins the process group so stages can wait for each other
+    join_process_group()
     run.check_config(config, overwrite=overwrite)
     tokenizer = load_tokenizer(config.model)
     base = resolve_model_path(config.model)
@@ -82,6 +78,18 @@ def run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwri
     run_stage(run, "final", export, log={}, main_only=True)
     print(f"rahf: {method} model in {run.stage('final')} (merged/, README.md, loss.png)")
     return run.stage("final")
+
+
+def train_and_save(trainer, out: Path, tokenizer) -> list[dict]:
+    """Train a TRL trainer (resuming from ``out/checkpoints``), save ``out/adapter`` or
+    ``out/model``, and return the per-step log: the same for every baseline."""
+    from rahf.training import LossLogCallback, save_trained, train_resumably
+
+    log = LossLogCallback()
+    trainer.add_callback(log)
+    train_resumably(trainer)
+    save_trained(trainer.model, out, merged=False, tokenizer=tokenizer)
+    return log.records
 
 
 def _copy_model(src: Path, out: Path) -> None:

@@ -29,12 +29,12 @@ from pathlib import Path
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from rahf.baselines import FiniteLoss, trl_arguments
+from rahf.baselines import FiniteLoss, train_and_save, trl_arguments
 from rahf.config import AlignConfig
 from rahf.data.render import encode_prompt, encode_reply
 from rahf.data.schema import PreferencePair
 from rahf.models import load_model
-from rahf.training import LossLogCallback, lora_config, save_trained, train_resumably
+from rahf.training import lora_config
 
 
 def preference_dataset(pairs: Sequence[PreferencePair]) -> Dataset:
@@ -100,9 +100,4 @@ def build_dpo_trainer(config: AlignConfig, pairs: Sequence[PreferencePair], toke
 
 def dpo_stage(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> list[dict]:
     """Train (resuming from ``out/checkpoints``), save ``out/adapter`` or ``out/model``; return the log."""
-    trainer = build_dpo_trainer(config, pairs, tokenizer, out)
-    log = LossLogCallback()
-    trainer.add_callback(log)
-    train_resumably(trainer)
-    save_trained(trainer.model, out, merged=False, tokenizer=tokenizer)
-    return log.records
+    return train_and_save(build_dpo_trainer(config, pairs, tokenizer, out), out, tokenizer)

@@ -20,12 +20,12 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rahf.baselines import FiniteLoss, trl_arguments
+from rahf.baselines import FiniteLoss, train_and_save, trl_arguments
 from rahf.config import AlignConfig
 from rahf.data.render import encode
 from rahf.data.schema import PreferencePair
 from rahf.models import load_model
-from rahf.training import LossLogCallback, lora_config, save_trained, train_resumably
+from rahf.training import lora_config
 
 
 class GuardedSFTTrainer(FiniteLoss, SFTTrainer):
@@ -70,9 +70,4 @@ def build_sft_trainer(config: AlignConfig, pairs: Sequence[PreferencePair], toke
 
 def sft_stage(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> list[dict]:
     """Train (resuming from ``out/checkpoints``), save ``out/adapter`` or ``out/model``; return the log."""
-    trainer = build_sft_trainer(config, pairs, tokenizer, out)
-    log = LossLogCallback()
-    trainer.add_callback(log)
-    train_resumably(trainer)
-    save_trained(trainer.model, out, merged=False, tokenizer=tokenizer)
-    return log.records
+    return train_and_save(build_sft_trainer(config, pairs, tokenizer, out), out, tokenizer)
