@@ -26,11 +26,11 @@ demo-quick: setup
 	$(VENV)/bin/rahf demo --quick
 
 test: setup
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench scripts
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench scripts
 
 bench-efficiency: setup
 	$(PY) bench/efficiency.py

@@ -70,7 +70,7 @@ REFERENCE = Row(
      "fit.group_by_length=false", "mixed_precision='no'"),
     orig_copy=True,
 )
-DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped)")
+DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped; bf16 autocast where native)")
 FP32 = Row("fp32", "default - bf16 autocast (mixed_precision=no)", ("mixed_precision='no'",))
 BF16 = Row("bf16", "default + bf16 autocast (mixed_precision=bf16)", ("mixed_precision=bf16",))
 ROWS = [
@@ -467,7 +467,8 @@ def main() -> int:
     table = summarise(results, rows, peaks)
     notes = findings(table, scit)
     minutes = (time.time() - started) / 60
-    precision = "bf16 autocast" if default_bf16 else "fp32 (mixed_precision auto: bf16 only on bf16 GPUs)"
+    precision = ("bf16 autocast (mixed_precision auto: this CPU computes bf16 natively)" if default_bf16
+                 else "fp32 (mixed_precision auto: no native bf16 on this CPU)")
     print(f"\n{render(table)}\n\n{notes}\n{peak_line(peaks, args.threads)}; default precision here: {precision}"
           f"\nload average after: {load_average()}; wall {minutes:.1f} min")
     if args.no_write:
@@ -553,8 +554,10 @@ adapters' rank-16 matmuls and adds in every linear of the preferred / dispreferr
 buy the memory. Cached targets skip the frozen passes in every epoch after the one that builds
 the cache (its build time is shown). bf16 autocast keeps fp32 master weights; it is a precision
 change, not an exact optimisation, so the 1e-5 equivalence tests (`tests/test_efficiency.py`)
-do not cover it; it is off by default on CPUs (`mixed_precision: auto` turns it on for bf16 GPUs
-only).
+run in fp32 and bf16 has its own tests there (frozen copies and cached targets get the trained
+pass's autocast; alpha 0 with a fresh adapter gives loss exactly 0). `mixed_precision: auto`
+turns it on wherever bf16 is native: bf16 GPUs, and CPUs with AVX-512 BF16 or AMX (this one);
+`mixed_precision: no` (or `dtype: float32`) keeps fp32.
 
 Tried during development and not adopted (CPU time, median of 8 alternating runs, one batch of
 4 Dual examples, same machine): frozen passes under `torch.inference_mode` instead of

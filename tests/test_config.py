@@ -80,3 +80,10 @@ def test_readme_config_reference_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
     assert section == out.getvalue()
+
+
+def test_bare_no_is_the_option_not_false():
+    """YAML 1.1 reads `no` as false; for options that include "no" it means the option."""
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision must be one of"):
+        load_config(None, ["mixed_precision=yes"])

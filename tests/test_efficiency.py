@@ -54,7 +54,9 @@ def tiny(tmp_path_factory) -> str:
 def _config(tiny: str, method: str, *extra: str):
     return load_config(None, [
         f"model={tiny}", f"method={method}", f"patterns.target_layers={LAYERS}", "device=cpu",
-        "fit.train.batch_size=4", "report_to=[none]", "max_reply_tokens=48", "patterns.reply=chosen", *extra,
+        "fit.train.batch_size=4", "report_to=[none]", "max_reply_tokens=48", "patterns.reply=chosen",
+        "mixed_precision=no",  # equivalence within 1e-5 is an fp32 claim; bf16 has its own tests below
+        *extra,
     ])
 
 
@@ -254,3 +256,76 @@ def test_old_index_without_dtype_reads_as_bf16(tmp_path):
     del index["dtype"]
     (folder / "index.json").write_text(json.dumps(index))
     assert TargetCache(folder).dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------ bf16 autocast (the default where native)
+
+
+@pytest.mark.parametrize(("mixed", "dtype", "native", "expected"), [
+    ("auto", "auto", True, True),  # this CPU kind: AVX-512 BF16 / AMX
+    ("auto", "auto", False, False),  # emulated bf16 would only cost time
+    ("auto", "float32", True, False),  # asking for fp32 weights means fp32 compute
+    ("no", "auto", True, False),
+    ("bf16", "auto", False, True),
+])
+def test_bf16_autocast_by_default_where_the_cpu_has_it(monkeypatch, tiny, mixed, dtype, native, expected):
+    from rahf import training
+
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    config = load_config(None, [f"model={tiny}", f"mixed_precision={mixed}", f"dtype={dtype}"])
+    assert training.use_bf16(config) is expected
+    assert training_arguments(config, config.fit.train, Path("unused"), stage="fit").bf16 is expected
+
+
+def _fresh_bf16_setup(tiny: str, tmp_path: Path, *extra: str):
+    """bf16 autocast, alpha 0 and a fresh adapter (B = 0): the targets are exactly what the trained
+    model computes, so the loss is zero unless the two passes differ in precision."""
+    config = _config(tiny, "scit", "mixed_precision=bf16", "patterns.alpha=0", *extra)
+    torch.manual_seed(0)
+    model, frozen = load_fit_model(config, tiny, {}, LAYERS)
+    model.eval()
+    examples = fit_examples(PAIRS, tiny_tokenizer(), config)
+    trainer = _trainer(config, model, frozen, examples, tmp_path / "ckpt")
+    assert trainer.bf16
+    return config, model, examples, trainer
+
+
+def test_bf16_cached_targets_share_the_trained_pass_precision(tiny, tmp_path):
+    config, model, examples, trainer = _fresh_bf16_setup(tiny, tmp_path, "fit.cache_dtype=float32")
+    pad = tiny_tokenizer().pad_token_id
+    compute_cache(trainer, examples, tmp_path / "cache", batch_size=3, dtype="float32")
+    batch = FitCollator(pad, TargetCache(tmp_path / "cache"))(examples)
+    with torch.no_grad():
+        loss = trainer.stage_loss(model, batch).item()
+        # What the floor would be: fp32 targets against the bf16 trained pass.
+        trainer.bf16 = False
+        fp32_targets = trainer.targets(FitCollator(pad)(examples))
+        trainer.bf16 = True
+        orig = batch["orig"]
+        width = int(orig["reply_len"].max())
+        with trainer.autocast():
+            hidden = reply_hidden_states(model, orig, LAYERS, reply_width=width)
+        floor = fitting_loss(hidden, fp32_targets, reply_mask(orig["reply_len"], width)).item()
+    assert loss < 1e-6
+    assert loss == 0.0  # the same computation on both sides
+    assert floor > 1e-5  # the gap this guards against is real (a tiny model's is small)
+
+
+def test_bf16_reaches_frozen_full_copies(tiny, tmp_path):
+    """Frozen copies are not Trainer's model, so Trainer's autocast does not reach them; ours does."""
+    config = _config(tiny, "dual", "step1.dual_storage=full-copies", "mixed_precision=bf16")
+    step1 = {side: _write_step1(tiny, tmp_path / side, config, seed) for seed, side in enumerate(("preferred", "dispreferred"))}
+    model, frozen = load_fit_model(config, tiny, step1, LAYERS)
+    examples = fit_examples(PAIRS, tiny_tokenizer(), config)
+    trainer = _trainer(config, model, frozen, examples, tmp_path / "ckpt")
+    dtypes: list[torch.dtype] = []
+    copy = frozen.copies["preferred"]
+    linear = next(m for m in copy.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    try:
+        with torch.no_grad():
+            trainer.stage_loss(model, FitCollator(tiny_tokenizer().pad_token_id)(examples[:4]))
+    finally:
+        handle.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}

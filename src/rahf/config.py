@@ -203,7 +203,7 @@ class AlignConfig:
     )
     mixed_precision: Literal["auto", "no", "bf16"] = field(
         default="auto",
-        metadata={"help": "bf16 autocast with fp32 LoRA weights: auto = on bf16 GPUs; bf16 forces it (CPUs with AVX-512 BF16 too)"},
+        metadata={"help": "bf16 autocast with fp32 LoRA weights: auto = where bf16 is native (bf16 GPUs, CPUs with AVX-512 BF16/AMX) unless dtype is float32"},
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default cuda if available"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
@@ -313,6 +313,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return None
         raise ConfigError(f"{path} may not be empty")
     if origin is Literal:
+        if isinstance(value, bool) and "no" in args and not value:
+            value = "no"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value

@@ -135,10 +135,13 @@ class FitTrainer(GuardedTrainer):
         batch_frozen: bool,
         kl_weight: float,
         group_by_length: bool = False,
+        bf16: bool | None = None,
     ) -> None:
+        """``bf16``: autocast every forward of the loss (default: as Trainer's ``args.bf16``)."""
         self.layers, self.alpha, self.passes, self.frozen = list(layers), alpha, passes, frozen
         self.pad_id, self.truncate, self.batch_frozen, self.kl_weight = pad_id, truncate, batch_frozen, kl_weight
         self.group_by_length = group_by_length
+        self.bf16 = bool(getattr(getattr(self, "args", None), "bf16", False)) if bf16 is None else bf16
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
         """With ``group_by_length``, batches of similar length (our items are FitExamples, which
@@ -150,22 +153,31 @@ class FitTrainer(GuardedTrainer):
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps
         return LengthGroupedSampler([example_length(e) for e in dataset], group, seed=seed)
 
+    def autocast(self) -> torch.autocast:
+        """One precision for every forward of the loss, also those Trainer does not wrap (frozen
+        full copies, targets cached before training, calls outside the training loop): a
+        precision gap between frozen and trained passes alone puts a floor under the loss."""
+        device = next(self.frozen.model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16)
+
     def targets(self, inputs: dict) -> torch.Tensor:
         if "targets" in inputs:
             return inputs["targets"]
-        patterns = frozen_patterns(
-            self.frozen, self.passes, inputs, self.layers,
-            pad_id=self.pad_id, truncate=self.truncate, batch_frozen=self.batch_frozen,
-        )
+        with self.autocast():
+            patterns = frozen_patterns(
+                self.frozen, self.passes, inputs, self.layers,
+                pad_id=self.pad_id, truncate=self.truncate, batch_frozen=self.batch_frozen,
+            )
         return build_targets(patterns, self.alpha)
 
     def stage_loss(self, model, inputs: dict) -> torch.Tensor:
         orig = inputs["orig"]
         width = int(orig["reply_len"].max())
         target = self.targets(inputs)
-        if self.kl_weight > 0:
-            return self._loss_with_kl(model, orig, target, width)
-        hidden = reply_hidden_states(model, orig, self.layers, reply_width=width, truncate=self.truncate)
+        with self.autocast():
+            if self.kl_weight > 0:
+                return self._loss_with_kl(model, orig, target, width)
+            hidden = reply_hidden_states(model, orig, self.layers, reply_width=width, truncate=self.truncate)
         return fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
 
     def _loss_with_kl(self, model, orig: dict, target: torch.Tensor, width: int) -> torch.Tensor:
