@@ -539,6 +539,9 @@ def plot(results: dict, table: dict, path: Path) -> None:
     fig = Figure(figsize=(11, 4))
     panels = fig.subplots(1, 2)
     for ax, names, methods in ((panels[0], ("acc",), list(table)), (panels[1], ("win", "lc"), [m for m in table if m != "base"])):
+        if not methods:  # only the base model was asked for: nothing to compare against
+            ax.set_visible(False)
+            continue
         series = [(source, name) for source in SOURCES for name in names]
         width = 0.8 / len(series)
         x = np.arange(len(methods))
