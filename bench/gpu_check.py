@@ -76,7 +76,7 @@ def check_fit_tensors(model: str, work: Path, device: str, layers: list[int], dt
     from rahf.patterns import fit_examples, pattern_passes
     from rahf.pipeline import read_pairs
     from rahf.plumbing import reply_hidden_states
-    from rahf.training import training_arguments
+    from rahf.training import cpu_has_native_bf16, training_arguments
 
     config = load_config(None, [f"model={model}", "method=dual", f"device={device}", "report_to=[none]",
                                 f"patterns.target_layers={layers}", f"fit.train.batch_size={BATCH}"])
@@ -91,9 +91,10 @@ def check_fit_tensors(model: str, work: Path, device: str, layers: list[int], dt
                       truncate=True, batch_frozen=True, kl_weight=0.0, group_by_length=True)
     batch = FitCollator(tokenizer.pad_token_id)(examples[:BATCH])
     batch = {role: {k: v.to(device) for k, v in b.items()} for role, b in batch.items()}
-    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with torch.no_grad():
         targets = trainer.targets(batch)
-        hidden = reply_hidden_states(fitted, batch["orig"], layers)
+        with trainer.autocast():
+            hidden = reply_hidden_states(fitted, batch["orig"], layers)
     base = [p for n, p in fitted.named_parameters() if "lora_" not in n]
     lora = [p for n, p in fitted.named_parameters() if "lora_" in n and ".default." in n]
     facts = {
@@ -107,7 +108,8 @@ def check_fit_tensors(model: str, work: Path, device: str, layers: list[int], dt
         "hidden": [hidden.device.type, str(hidden.dtype)],
     }
     expect = {
-        "trainer_bf16": dtype == torch.bfloat16,
+        # bf16 autocast: always on a bf16 GPU; on a CPU where bf16 is native (mixed_precision auto)
+        "trainer_bf16": device == "cuda" or cpu_has_native_bf16(),
         "base_dtypes": [str(dtype)],
         "base_devices": [device],
         "lora_dtypes": ["torch.float32"],  # fp32 master weights for the trained adapter
