@@ -87,11 +87,12 @@ RM_SEED = SPLIT_SEED + 2
 class Budget:
     """Everything that sizes a run; part of every cache key."""
 
-    train_pairs: int = 300  # policy training pairs, half from each source
-    rm_pairs: int = 600  # alpacaeval pairs for the reward model (prompts no policy sees)
+    # Sized for 2 CPU cores: ~50 min per seed (all four trained methods), two seeds at a time.
+    train_pairs: int = 160  # policy training pairs, half from each source
+    rm_pairs: int = 240  # alpacaeval pairs for the reward model (prompts no policy sees)
     rm_max_steps: int = -1  # -1: one epoch
     eval_pairs: int = 100  # validation pairs per source
-    eval_prompts: int = 40  # validation prompts per source to generate on
+    eval_prompts: int = 24  # validation prompts per source to generate on
     val_fraction: float = 0.2
     batch_size: int = 8
     steps: int | None = None  # per training stage; None: ceil(train_pairs / batch_size)

@@ -181,7 +181,7 @@ def train_reward_model(config: RewardModelConfig) -> dict:
         save_strategy="no",
         report_to="none",
         max_length=None,  # inputs are already cut to config.max_length
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not cuda,
         seed=config.seed,
