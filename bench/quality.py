@@ -183,6 +183,54 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float | None]:
     return float(x.mean()), (float(x.std(ddof=1)) if len(x) > 1 else None)
 
 
+def score(model_spec: str, val: dict[str, list], windows: dict[str, int]) -> dict[str, dict]:
+    """Per source and pooled, from one scoring pass: preference accuracy, and the mean margin
+    ``l(y+) - l(y-)`` of mean-token log-likelihoods (nats), which moves before accuracy does."""
+    from rahf.evaluate.loading import load_for_eval
+    from rahf.evaluate.preference import accuracy_from_scores
+    from rahf.evaluate.stats import bootstrap
+    from rahf.scoring import PairScores, score_pairs
+
+    model, tokenizer, _ = load_for_eval(model_spec, dtype="float32")
+    pooled = [p for pairs in val.values() for p in pairs]
+    scores = score_pairs(model, tokenizer, pooled, progress=False, **windows)
+    parts, start = {}, 0
+    for source, pairs in val.items():
+        part = slice(start, start + len(pairs))
+        start += len(pairs)
+        parts[source] = PairScores(scores.chosen_sum[part], scores.chosen_tokens[part],
+                                   scores.rejected_sum[part], scores.rejected_tokens[part])
+    if len(val) > 1:
+        parts["pooled"] = scores
+    return {
+        "accuracy": {k: accuracy_from_scores(v).accuracy.to_dict() for k, v in parts.items()},
+        "margin": {k: bootstrap((v.chosen_mean - v.rejected_mean).double().numpy()).to_dict() for k, v in parts.items()},
+        "pair_margins": (scores.chosen_mean - scores.rejected_mean).tolist(),  # pooled order, for paired deltas
+    }
+
+
+def margin_delta(point: dict, base: dict) -> dict:
+    """Mean change of the per-pair margin from the base model, with a paired bootstrap 95% CI
+    (the same pairs under both models, so pair-to-pair spread cancels)."""
+    import numpy as np
+
+    from rahf.evaluate.stats import bootstrap
+
+    return bootstrap(np.asarray(point["pair_margins"]) - np.asarray(base["pair_margins"])).to_dict()
+
+
+def source_margin_deltas(scores: dict, base: dict) -> dict[str, dict]:
+    """Per source, the paired margin change from the base model (``score`` pools the sources in
+    ``SOURCES`` order)."""
+    out, start = {}, 0
+    for source in SOURCES:
+        part = slice(start, start + scores["accuracy"][source]["n"])
+        start = part.stop
+        out[source] = margin_delta({"pair_margins": scores["pair_margins"][part]},
+                                   {"pair_margins": base["pair_margins"][part]})
+    return out
+
+
 # ------------------------------------------------------------------ subprocess jobs
 
 
@@ -280,6 +328,16 @@ def job_eval(job: dict) -> dict:
     return {"model": job["model"], "model_fingerprint": info.fingerprint, "sources": out}
 
 
+def job_scores(job: dict) -> dict:
+    """Per-pair mean-token margins on the validation pairs: the paired signal that moves before
+    accuracy does (the same pairs under every model, so pair-to-pair spread cancels)."""
+    from rahf.data import load_preferences
+
+    val = {source: load_preferences(job["pairs"][source]).pairs for source in SOURCES}
+    windows = {"max_prompt_tokens": job["max_prompt_tokens"], "max_reply_tokens": job["max_reply_tokens"]}
+    return {"model": job["model"], **score(job["model"], val, windows)}
+
+
 def run_job(job: dict, folder: Path, threads: int) -> dict:
     """Run one job in a fresh subprocess; add its wall time and peak RSS (``os.wait4``)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -311,7 +369,7 @@ def worker(spec: Path, threads: int) -> int:
 
     torch.set_num_threads(threads)
     job = json.loads(spec.read_text())
-    result = job_train(job) if job["phase"] == "train" else job_eval(job)
+    result = {"train": job_train, "eval": job_eval, "scores": job_scores}[job["phase"]](job)
     atomic_write_json(job["result"], {"job": job, "environment": environment(), **result})
     return 0
 
@@ -403,9 +461,21 @@ def run_all(args: argparse.Namespace, budget: Budget, data_dir: Path, out: Path)
         print("base: evaluating", flush=True)
         run_job({**eval_common, "model": "smollm2", "result": str(base_eval)}, base_folder, args.threads)
     base = json.loads(base_eval.read_text())
+    windows = {k: eval_settings[k] for k in ("max_prompt_tokens", "max_reply_tokens")}
+    scores_common = {"phase": "scores", "pairs": eval_common["pairs"], **windows}
+    scores_name = f"scores-{digest(windows)}.json"
+
+    def scores(model: str, folder: Path) -> dict:
+        path = folder / scores_name
+        if not path.exists():
+            print(f"{folder.name}: scoring validation pairs", flush=True)
+            run_job({**scores_common, "model": model, "result": str(path)}, folder, args.threads)
+        return json.loads(path.read_text())
+
+    base_scores = scores("smollm2", base_folder)
     for seed in args.seeds:
         if "base" in args.methods:
-            results[("base", seed)] = {"train": None, "eval": base}  # greedy: the same for every seed
+            results[("base", seed)] = {"train": None, "eval": base, "scores": base_scores}  # greedy: one run
         for method in [m for m in METHODS if m != "base" and m in args.methods]:
             probe = method_overrides(method, budget, seed, data / "train.jsonl", Path("RUN"))
             config = load_config(None, probe).to_dict()
@@ -421,7 +491,9 @@ def run_all(args: argparse.Namespace, budget: Budget, data_dir: Path, out: Path)
                 print(f"{method} seed {seed}: evaluating", flush=True)
                 run_job({**eval_common, "model": train["model"], "base_eval": str(base_eval), "result": str(eval_file)},
                         run_dir, args.threads)
-            results[(method, seed)] = {"train": train, "eval": json.loads(eval_file.read_text())}
+            run_scores = scores(train["model"], run_dir)
+            results[(method, seed)] = {"train": train, "eval": json.loads(eval_file.read_text()), "scores": run_scores,
+                                       "margin_vs_base": source_margin_deltas(run_scores, base_scores)}
     return results, {"path": rm_path, **rm_info}
 
 
@@ -463,6 +535,11 @@ def summarise(results: dict, methods: Sequence[str]) -> dict[str, dict[str, tupl
                 values = [v for r in runs if (v := _metric(r, source, path)) is not None]
                 if values:
                     row[f"{source}:{name}"] = (*mean_spread(values), len(values))
+        for source in SOURCES:
+            deltas = [r["margin_vs_base"][source] for r in runs if r.get("margin_vs_base")]
+            if deltas:
+                row[f"{source}:dm"] = (*mean_spread([d["value"] for d in deltas]), len(deltas))
+                row[f"{source}:dm_sign"] = (sum(d["low"] > 0 for d in deltas), sum(d["high"] < 0 for d in deltas))
         trains = [r["train"] for r in runs if r["train"]]
         for stage in STAGES.get(method, ()):
             row[f"stage:{stage}"] = (mean_spread([t["stages"][stage]["seconds"] or 0 for t in trains])[0],
@@ -486,13 +563,26 @@ def _fmt(cell: tuple | None, *, pct: bool = True) -> str:
     return f"{mean:.1f}" + (f" ± {spread:.1f}" if spread is not None else "")
 
 
+def _margin_cell(row: dict, source: str) -> str:
+    """Mean ± seed std of the paired margin change, and how many seeds' 95% CIs clear zero."""
+    cell = row.get(f"{source}:dm")
+    if cell is None:
+        return "-"
+    up, down = row[f"{source}:dm_sign"]
+    spread = f" ± {cell[1]:.3f}" if cell[1] is not None else ""
+    return f"{cell[0]:+.3f}{spread} ({up}↑ {down}↓ of {cell[2]})"
+
+
 def tables(table: dict) -> str:
     """Three markdown tables: quality, behaviour, cost."""
-    lines = ["| method | seeds | pref. acc. alpacaeval | pref. acc. hh | RM win vs base alpacaeval (LC) | RM win vs base hh (LC) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | pref. acc. alpacaeval | pref. acc. hh | margin - base alpacaeval (nats) | margin - base hh (nats)"
+             " | RM win vs base alpacaeval (LC) | RM win vs base hh (LC) |",
+             "|---|---|---|---|---|---|---|---|"]
     for method, row in table.items():
         wins = [f"{_fmt(row.get(f'{s}:win'))} ({_fmt(row.get(f'{s}:lc'))})" if method != "base" else "(= 50%)" for s in SOURCES]
-        lines.append(f"| {LABELS[method]} | {row['seeds']} | {_fmt(row.get('alpacaeval:acc'))} | {_fmt(row.get('hh:acc'))} | {wins[0]} | {wins[1]} |")
+        margins = [_margin_cell(row, s) if method != "base" else "(= 0)" for s in SOURCES]
+        lines.append(f"| {LABELS[method]} | {row['seeds']} | {_fmt(row.get('alpacaeval:acc'))} | {_fmt(row.get('hh:acc'))}"
+                     f" | {margins[0]} | {margins[1]} | {wins[0]} | {wins[1]} |")
     lines += ["", "| method | reply tokens alpacaeval / hh | hit token limit a / h | 4-gram repetition a / h | refusal on hh | over-refusal on alpacaeval |",
               "|---|---|---|---|---|---|"]
     for method, row in table.items():
@@ -583,6 +673,11 @@ def reading(table: dict) -> list[str]:
             else:
                 verdict = "within the seed spread" if abs(gap) <= max(mine[1], dpo[1]) else ("ahead" if gap > 0 else "behind")
             notes.append(f"{LABELS[rahf]} vs DPO on {source}: {gap * 100:+.1f} points ({verdict}).")
+    for method, row in table.items():
+        moved = [f"{source} {row[f'{source}:dm'][0]:+.3f} ({row[f'{source}:dm_sign'][0]} of {row[f'{source}:dm'][2]}"
+                 f" seeds' paired CI above 0, {row[f'{source}:dm_sign'][1]} below)" for source in SOURCES if f"{source}:dm" in row]
+        if moved:
+            notes.append(f"{LABELS[method]} margin change from base: " + "; ".join(moved) + ".")
     base = table.get("base", {})
     for method, row in table.items():
         for source in SOURCES:
@@ -623,7 +718,10 @@ SCIT: step 1 + fit; Dual: 2 step-1 sides + fit). Windows: prompt {budget.max_pro
 {budget.max_reply_tokens} tokens, for training and scoring. Settings per method: `HYPER` in
 `bench/quality.py` (LoRA everywhere; SFT/DPO lr 5e-4, DPO beta 0.1; RAHF the `rahf demo` settings).
 Validation preference accuracy: mean-token log-likelihood on the first {budget.eval_pairs} validation
-pairs per source (spread over prompts). Win rate: greedy replies (max {budget.max_new_tokens} new
+pairs per source (spread over prompts). Margin - base: the mean over the same pairs of the change
+in l(y+) - l(y-) (mean-token log-likelihoods, nats) from the base model, the paired signal that
+moves before accuracy does; up/down arrows count the seeds whose paired bootstrap 95% CI lies
+above / below 0. Win rate: greedy replies (max {budget.max_new_tokens} new
 tokens) to {budget.eval_prompts} validation prompts per source, scored against the base model's
 replies by a reward model, {rm_line}; LC = length-controlled. Cells: mean ± standard deviation over
 seeds {', '.join(map(str, args.seeds))} (the base model is greedy: one run).

@@ -34,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import write_section
-from quality import DATA_DIR, LABELS, SOURCES, digest, machine, mixed_splits, write_pairs
+from quality import (
+    DATA_DIR,
+    LABELS,
+    SOURCES,
+    digest,
+    machine,
+    margin_delta,
+    mixed_splits,
+    score,
+    write_pairs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "sensitivity"
@@ -122,42 +132,6 @@ def link_shared(first: Path, run_dir: Path, stages: Sequence[str]) -> None:
         if not (run_dir / stage).exists():
             shutil.copytree(first / stage, run_dir / stage, ignore=shutil.ignore_patterns("checkpoints"),
                             copy_function=os.link)
-
-
-def score(model_spec: str, val: dict[str, list], windows: dict[str, int]) -> dict[str, dict]:
-    """Per source and pooled, from one scoring pass: preference accuracy, and the mean margin
-    ``l(y+) - l(y-)`` of mean-token log-likelihoods (nats), which moves before accuracy does."""
-    from rahf.evaluate.loading import load_for_eval
-    from rahf.evaluate.preference import accuracy_from_scores
-    from rahf.evaluate.stats import bootstrap
-    from rahf.scoring import PairScores, score_pairs
-
-    model, tokenizer, _ = load_for_eval(model_spec, dtype="float32")
-    pooled = [p for pairs in val.values() for p in pairs]
-    scores = score_pairs(model, tokenizer, pooled, progress=False, **windows)
-    parts, start = {}, 0
-    for source, pairs in val.items():
-        part = slice(start, start + len(pairs))
-        start += len(pairs)
-        parts[source] = PairScores(scores.chosen_sum[part], scores.chosen_tokens[part],
-                                   scores.rejected_sum[part], scores.rejected_tokens[part])
-    if len(val) > 1:
-        parts["pooled"] = scores
-    return {
-        "accuracy": {k: accuracy_from_scores(v).accuracy.to_dict() for k, v in parts.items()},
-        "margin": {k: bootstrap((v.chosen_mean - v.rejected_mean).double().numpy()).to_dict() for k, v in parts.items()},
-        "pair_margins": (scores.chosen_mean - scores.rejected_mean).tolist(),  # pooled order, for paired deltas
-    }
-
-
-def margin_delta(point: dict, base: dict) -> dict:
-    """Mean change of the per-pair margin from the base model, with a paired bootstrap 95% CI
-    (the same pairs under both models, so pair-to-pair spread cancels)."""
-    import numpy as np
-
-    from rahf.evaluate.stats import bootstrap
-
-    return bootstrap(np.asarray(point["pair_margins"]) - np.asarray(base["pair_margins"])).to_dict()
 
 
 def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict, dict, list[Point]]:
