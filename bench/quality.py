@@ -87,7 +87,7 @@ RM_SEED = SPLIT_SEED + 2
 class Budget:
     """Everything that sizes a run; part of every cache key."""
 
-    # Sized for 2 CPU cores: ~50 min per seed (all four trained methods), two seeds at a time.
+    # Sized for 2 CPU cores: ~1 h per seed for the four trained methods on one core (measured 57 min).
     train_pairs: int = 160  # policy training pairs, half from each source
     rm_pairs: int = 240  # alpacaeval pairs for the reward model (prompts no policy sees)
     rm_max_steps: int = -1  # -1: one epoch
