@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=OUT, help="the quality bench's cache folder")
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="a Dual run folder of the bench (e.g. one made with --set); replaces --seeds")
     args = parser.parse_args(argv)
     manifests = sorted(args.out.glob("data-*/manifest.json"), key=lambda m: m.stat().st_mtime)
     data = manifests[-1] if manifests else None  # the latest bench settings
@@ -44,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data {data.name}: {budget['counts']}")
     print("| seed | model | " + " | ".join(f"margin - base {s} (paired 95% CI)" for s in SOURCES) + " |")
     print("|---|---|" + "---|" * len(SOURCES))
-    for seed in args.seeds:
-        run = next(iter(sorted(data.glob(f"runs/dual-seed{seed}-*/final"))), None)
-        if run is None:
-            print(f"| {seed} | no Dual run for this seed | " + " | ".join("-" for _ in SOURCES) + " |")
+    # The bench's own runs: the default settings' digest is in bench/quality.py's run names; with
+    # several Dual runs per seed (--set variants), name the one you mean with --run.
+    runs = [(run.name, run / "final") for run in args.run] or [
+        (str(seed), next(iter(sorted(data.glob(f"runs/dual-seed{seed}-*/final"))), None)) for seed in args.seeds]
+    for seed, run in runs:
+        if run is None or not run.exists():
+            print(f"| {seed} | no Dual run | " + " | ".join("-" for _ in SOURCES) + " |")
             continue
         models = {"M+ (step1_preferred)": run.parent / "step1_preferred" / "adapter",
                   "M- (step1_dispreferred)": run.parent / "step1_dispreferred" / "adapter",
