@@ -51,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(run.name, run / "final") for run in args.run] or [
         (str(seed), next(iter(sorted(data.glob(f"runs/dual-seed{seed}-*/final"))), None)) for seed in args.seeds]
     for seed, run in runs:
-        if run is None or not run.exists():
-            print(f"| {seed} | no Dual run | " + " | ".join("-" for _ in SOURCES) + " |")
-            continue
         models = {"M+ (step1_preferred)": run.parent / "step1_preferred" / "adapter",
                   "M- (step1_dispreferred)": run.parent / "step1_dispreferred" / "adapter",
-                  "RAHF-Dual (final)": run / "merged"}
+                  "RAHF-Dual (final)": run / "merged"} if run is not None else {}
+        models = {name: path for name, path in models.items() if path.exists()}  # final: once fitted
+        if len(models) < 2:
+            print(f"| {seed} | no Dual step-1 models yet | " + " | ".join("-" for _ in SOURCES) + " |")
+            continue
         scored = {name: score(str(path), val, windows) for name, path in models.items()}
         for name, result in scored.items():
             deltas = source_margin_deltas(result, base)
