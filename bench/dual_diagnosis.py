@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from quality import OUT, SOURCES, digest, score, source_margin_deltas
+from quality import OUT, SOURCES, Budget, digest, score, source_margin_deltas
 
 from rahf.data import load_preferences
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = data.parent
     budget = json.loads((data / "manifest.json").read_text())
-    windows = {"max_prompt_tokens": 128, "max_reply_tokens": 64}  # bench/quality.py's Budget windows
+    windows = {"max_prompt_tokens": Budget.max_prompt_tokens, "max_reply_tokens": Budget.max_reply_tokens}
     base = json.loads((data / "base" / f"scores-{digest(windows)}.json").read_text())
     val = {s: load_preferences(str(data / f"val_{s}.jsonl")).pairs for s in SOURCES}
     print(f"data {data.name}: {budget['counts']}")
