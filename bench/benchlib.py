@@ -1,8 +1,11 @@
-"""What every benchmark shares: the machine's name and its own section of BENCHMARKS.md."""
+"""What every benchmark shares: the machine's name, its own section of BENCHMARKS.md, and a
+lock on its cache folder."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -36,3 +39,23 @@ def write_section(name: str, text: str, path: Path = BENCHMARKS) -> None:
         atomic_write_text(path, head + section + rest.split(end, 1)[1])
     else:
         atomic_write_text(path, current.rstrip("\n") + "\n\n" + section + "\n")
+
+
+@contextlib.contextmanager
+def cache_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/rahf.lock`` while a benchmark fills its cache folder (``rahf.runlock``):
+    two runs of one benchmark on one cache would train into the same run folders. A second one
+    stops with a line naming the first (exit 1); a lock left by a killed run is taken over."""
+    import sys
+
+    from rahf.runlock import RunLock, RunLocked
+
+    lock = RunLock(folder, option="--out")
+    try:
+        lock.acquire()
+    except RunLocked as err:
+        raise SystemExit(f"bench/{Path(sys.argv[0]).name}: {err}") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -39,7 +39,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from benchlib import BENCHMARKS, cpu_name, write_section
+from benchlib import BENCHMARKS, cache_lock, cpu_name, write_section
 
 from rahf.demo import demo_overrides
 
@@ -795,7 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or OUT.with_name("quality-smoke" if args.smoke else "quality")
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.time()
-    results, rm = run_all(args, budget, args.data_dir.resolve(), out)
+    with cache_lock(out):  # one run per cache folder
+        results, rm = run_all(args, budget, args.data_dir.resolve(), out)
     png = out / "quality.png" if args.smoke or args.no_write else PLOT
     table = summarise(results, args.methods)
     plot(results, table, png)

@@ -33,7 +33,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from benchlib import write_section
+from benchlib import cache_lock, write_section
 from quality import (
     DATA_DIR,
     LABELS,
@@ -350,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or OUT.with_name("sensitivity-smoke" if args.smoke else "sensitivity")
     command = "python bench/sensitivity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.time()
-    base, results, sweep = run_sweep(args, budget, out)
+    with cache_lock(out):  # one run per cache folder
+        base, results, sweep = run_sweep(args, budget, out)
     write = not (args.smoke or args.no_write)
     pngs = plot(base, results, sweep, IMG if write else out, args.variant)
     text = section(args, budget, base, results, sweep, command.strip(), (time.time() - started) / 60)

@@ -114,7 +114,7 @@ def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
 
 
 def test_unsupported_file_type(tmp_path):
-    path = tmp_path / "d.csv"
+    path = tmp_path / "d.xlsx"  # (.csv was the example until CSV became a supported type)
     path.write_text("prompt,chosen,rejected\n")
     with pytest.raises(DataError, match="unsupported file type"):
         load_preferences(str(path))

@@ -97,7 +97,7 @@ def test_cli_eval_writes_report_markdown_and_plots(tmp_path, monkeypatch, capsys
                  "--pairs", str(pairs), "--prompts", str(prompts), "--reward-model", str(tmp_path / "rm"),
                  "--max-new-tokens", "4", "--resamples", "50", "--quiet", "--out", str(out)])
     assert code == 0
-    for name in ("report.json", "report.md", "generations.jsonl", "preference_accuracy.png",
+    for name in ("report.json", "report.md", "report.html", "generations.jsonl", "preference_accuracy.png",
                  "score_distributions.png", "win_rates.png"):
         assert (out / name).stat().st_size > 0, name
     report = read_report(out)

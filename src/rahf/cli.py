@@ -3,8 +3,9 @@
 Each module in ``COMMAND_MODULES`` has ``register(subparsers)`` which adds its sub-commands and
 sets ``func`` on them. Errors print one line (``rahf: error: ...``) and no traceback unless
 ``--debug``: user errors (bad data, bad config, bad model name, a run folder that cannot be
-written) exit 2; a run that cannot go on (NaN loss, full disk) exits 1; SIGINT / SIGTERM exit
-130 / 143, after training has saved a checkpoint, with a note on how to resume.
+written or that another run holds) exit 2; a run that cannot go on (NaN loss, full disk) exits
+1; SIGINT / SIGTERM exit 130 / 143, after training has saved a checkpoint, with a note on how to
+resume.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ COMMAND_MODULES = [
     "rahf.commands",
     "rahf.evaluate.commands",
     "rahf.baselines.commands",
+    "rahf.steering.commands",
 ]
 
 
@@ -28,8 +30,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from rahf.config import ConfigError
     from rahf.data.schema import DataError
     from rahf.models import ModelError
+    from rahf.runlock import RunLocked
 
-    return (DataError, ConfigError, ModelError, FileNotFoundError, PermissionError, NotADirectoryError)
+    return (DataError, ConfigError, ModelError, RunLocked, FileNotFoundError, PermissionError, NotADirectoryError)
 
 
 def run_error_types() -> tuple[type[BaseException], ...]:
@@ -90,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rahf",
         description="Align causal LMs to human preferences by representation engineering (RAHF).",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (and --verbose output)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
+        "--quiet", "-q", dest="output_level", action="store_const", const="quiet",
+        help="print only results and errors: no progress bars, no stage notes",
+    )
+    output.add_argument(
+        "--verbose", "-v", dest="output_level", action="store_const", const="verbose",
+        help="also print every logged training step, and the libraries' progress bars and info logs",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -106,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    level = args.output_level or ("verbose" if args.debug else "normal")
+    if level == "quiet" and hasattr(args, "quiet"):
+        args.quiet = True  # commands with their own --quiet (rahf eval) follow the global one
     try:
-        result = args.func(args)
+        from rahf.console import output_level
+
+        with output_level(level, libraries=args.command != "config"):  # config loads no model
+            result = args.func(args)
     except KeyboardInterrupt as err:
         if args.debug:
             raise

@@ -13,6 +13,7 @@ _FLAGS = {
     "model": "model",
     "data": "data",
     "format": "data_format",
+    "columns": "data_columns",
     "run_dir": "run_dir",
     "seed": "seed",
     "max_pairs": "max_pairs",
@@ -29,6 +30,8 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, local model folder, or 'smollm2' (embedded default)")
     parser.add_argument("--data", help="preference data: file, folder, hub dataset id, or 'builtin'")
     parser.add_argument("--format", choices=["auto", "hh", "plain", "conversational", "ultrafeedback"])
+    parser.add_argument("--columns", metavar="KEY=COLUMN,...",
+                        help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad")
     parser.add_argument("--skip-invalid", action="store_true", help="skip bad rows instead of failing")
     parser.add_argument("--run-dir", help="where stages write their outputs (default runs/rahf)")
     parser.add_argument("--seed", type=int)
@@ -69,8 +72,32 @@ def cmd_align(args: argparse.Namespace) -> int:
         steps = plan(config)
         print(json.dumps(steps, indent=2) if args.json else format_plan(steps))
         return 0
-    align(config, overwrite=args.overwrite)
+    if args.push_to_hub:
+        from rahf.export import check_push_target
+
+        check_push_target(args.push_to_hub)  # before hours of training, not after
+    final = align(config, overwrite=args.overwrite)
+    push_final(args, final)
     return 0
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO",
+        help="upload the result to this Hub model repo (owner/name): adapter and card at its root,"
+        " merged weights in merged/; token from HF_TOKEN or `hf auth login`",
+    )
+    parser.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repo private")
+
+
+def push_final(args: argparse.Namespace, final) -> None:
+    """``--push-to-hub``: upload a finished run's final folder (main process only)."""
+    from rahf.io import is_main_process
+
+    if getattr(args, "push_to_hub", None) and is_main_process():
+        from rahf.export import push_to_hub
+
+        print(f"rahf: pushed to {push_to_hub(final, args.push_to_hub, private=args.hub_private)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -106,6 +133,7 @@ def register(subparsers) -> None:
     align.add_argument("--overwrite", action="store_true", help="delete an existing run in --run-dir first")
     align.add_argument("--dry-run", action="store_true", help="validate data and config, print the plan, exit")
     align.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    add_push_arguments(align)
     align.set_defaults(func=cmd_align)
 
     config = subparsers.add_parser(

@@ -97,12 +97,35 @@ class Step1Config:
         default="adapters",
         metadata={"help": "Dual: two LoRA adapters on one base, or two merged full copies (reference layout)"},
     )
+    objective: Literal["sft", "preference"] = field(
+        default="sft",
+        metadata={"help": "Dual: sft (paper: each side imitates its replies) or preference (DPO: chosen over rejected for M+, swapped for M-)"},
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature of step1.objective=preference"})
+    readiness_pairs: int = field(
+        default=64, metadata={"help": "held-out pairs scored after step 1 to check it separates preferred from dispreferred; 0 skips"}
+    )
+    until_separated: bool = field(
+        default=False, metadata={"help": "train step 1 on in chunks until the readiness CI's lower bound clears 0"}
+    )
+    chunk_steps: int = field(default=20, metadata={"help": "until_separated: steps added per chunk"})
+    max_steps_cap: int = field(default=200, metadata={"help": "until_separated: most step-1 steps in all"})
+    on_not_separated: Literal["continue", "stop"] = field(
+        default="continue", metadata={"help": "until_separated: at the cap without separation, fit anyway or stop the run"}
+    )
 
     def check(self) -> None:
         self.train.check("step1.train")
         self.lora.check("step1.lora")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"step1.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _positive("step1.beta", self.beta)
+        for name in ("readiness_pairs", "chunk_steps", "max_steps_cap"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "readiness_pairs" else 1):
+                raise ConfigError(f"step1.{name} must be an integer >= {0 if name == 'readiness_pairs' else 1}, got {value!r}")
+        if self.until_separated and self.readiness_pairs == 0:
+            raise ConfigError("step1.until_separated needs step1.readiness_pairs > 0 (the pairs it measures on)")
 
 
 @dataclass
@@ -113,12 +136,27 @@ class PatternConfig:
         default=None,
         metadata={"help": "hidden_states indices (1..N, after block l); default: every other layer over the middle third"},
     )
+    scan: str | None = field(
+        default=None,
+        metadata={"help": "a `rahf scan` scan.json: its recommended target layers, used when target_layers is not set"},
+    )
     alpha: float = field(default=5.0, metadata={"help": "target = orig + alpha * (preferred - dispreferred)"})
     reply: Literal["default", "random", "chosen", "rejected", "both"] = field(
         default="default",
         metadata={"help": "reply the patterns use; default: random for SCIT, both for Dual"},
     )
+    disjoint_share: float = field(
+        default=0.5,
+        metadata={"help": "share of training prompts whose pairs feed only steps 2-3; the rest train step 1 (split by prompt hash); 0: all feed both"},
+    )
+    align_target: Literal["base", "preferred"] = field(
+        default="base",
+        metadata={"help": "Dual: align the original model, or M+ (reference code: A_o and the fit input then carry I+)"},
+    )
+
     def check(self) -> None:
+        if not 0 <= self.disjoint_share < 1:
+            raise ConfigError(f"patterns.disjoint_share must be in [0, 1), got {self.disjoint_share}")
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ConfigError(f"patterns.alpha must be a finite number, got {self.alpha!r}")
         if self.alpha < 0:
@@ -150,10 +188,23 @@ class FitConfig:
     group_by_length: bool = field(
         default=True, metadata={"help": "batch examples of similar length together to pad less"}
     )
+    convergence_examples: int = field(
+        default=8, metadata={"help": "validation examples on which each logged step reports the target share reached per layer; 0 skips"}
+    )
+    plateau_window: int = field(
+        default=0, metadata={"help": "stop when the loss improved < plateau_threshold (relative) over this many logged steps; 0: off"}
+    )
+    plateau_threshold: float = field(default=0.01, metadata={"help": "relative loss improvement that counts as progress"})
 
     def check(self) -> None:
         self.train.check("fit.train")
         self.lora.check("fit.lora")
+        for name in ("convergence_examples", "plateau_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"fit.{name} must be an integer >= 0, got {value!r}")
+        if not math.isfinite(self.plateau_threshold) or self.plateau_threshold < 0:
+            raise ConfigError(f"fit.plateau_threshold must be >= 0, got {self.plateau_threshold}")
         if not math.isfinite(self.kl_weight) or self.kl_weight < 0:
             raise ConfigError(f"fit.kl_weight must be >= 0, got {self.kl_weight}")
 
@@ -187,6 +238,10 @@ class AlignConfig:
         default="auto", metadata={"help": "preference data format; auto detects it from the first row"}
     )
     data_split: str | None = field(default=None, metadata={"help": "split of a hub dataset or saved DatasetDict"})
+    data_columns: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "the file's column for each of prompt/chosen/rejected, e.g. {prompt: question, chosen: good} or 'prompt=question,chosen=good'"},
+    )
     skip_invalid: bool = field(default=False, metadata={"help": "skip bad rows (counted by reason) instead of failing"})
     max_pairs: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
     validation_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out (split by prompt hash)"})
@@ -230,8 +285,18 @@ class AlignConfig:
             raise ConfigError("preferred_instruction and dispreferred_instruction must differ")
         self.step1.check()
         self.patterns.check()
+        if self.method == "scit" and (self.step1.objective != "sft" or self.patterns.align_target != "base"):
+            raise ConfigError("step1.objective=preference and patterns.align_target=preferred are Dual options; use method=dual")
         self.fit.check()
         self.baseline.check()
+        if self.data_columns is not None:  # normalised to a mapping, so config.yaml shows one
+            from rahf.data.formats import parse_columns
+            from rahf.data.schema import DataError
+
+            try:
+                self.data_columns = parse_columns(self.data_columns, name="data_columns") or None
+            except DataError as err:
+                raise ConfigError(str(err)) from None
 
     @property
     def reply_window(self) -> int:
@@ -264,9 +329,26 @@ def default_target_layers(num_layers: int) -> list[int]:
     return list(range(lo, hi + 1, 2))
 
 
+def scan_layers(path: str | None) -> list[int] | None:
+    """The recommended target layers of a ``rahf scan`` result (``patterns.scan``)."""
+    if not path:
+        return None
+    import json
+
+    try:
+        layers = json.loads(Path(path).read_text())["recommended"]["target_layers"]
+    except OSError as err:
+        raise ConfigError(f"patterns.scan: cannot read {path} ({err.strerror}); run `rahf scan` first") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"patterns.scan: {path} has no recommended.target_layers; give a scan.json written by `rahf scan`") from err
+    if not layers or not all(isinstance(i, int) for i in layers):
+        raise ConfigError(f"patterns.scan: {path}: recommended.target_layers must be a non-empty list of integers")
+    return list(layers)
+
+
 def check_against_model(config: AlignConfig, num_layers: int) -> list[int]:
     """The target layers, validated against the model's depth."""
-    layers = config.patterns.target_layers or default_target_layers(num_layers)
+    layers = config.patterns.target_layers or scan_layers(config.patterns.scan) or default_target_layers(num_layers)
     bad = [i for i in layers if not 1 <= i <= num_layers]
     if bad:
         raise ConfigError(

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+from transformers import TrainerCallback
 
 from rahf.patterns import (
     ROLES,
@@ -52,15 +53,47 @@ def reply_kl(frozen_logits: torch.Tensor, trained_logits: torch.Tensor, batch: d
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-class FitCollator:
-    """Batches of every role, plus cached targets when a cache is given."""
+PAD_MULTIPLE = 16  # FitCollator rounds each role's padded width up to a multiple of this
 
-    def __init__(self, pad_id: int, cache: TargetCache | None = None) -> None:
+
+def round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` / ``attention_mask`` to the next multiple of ``multiple`` tokens.
+
+    Why: on CPU, bf16 autocast keeps oneDNN primitives (and ideep's own cache) per input shape,
+    about 13 MB for each new padded width on SmolLM2-135M, and allocations of ever new sizes
+    fragment the heap; with one width per batch an epoch's resident memory climbs with the
+    number of distinct widths (issue #17). Rounding bounds the widths to ``max / multiple``.
+    Padding is masked and right of every real token, so real tokens' states do not change.
+    """
+    width = batch["input_ids"].shape[1]
+    extra = round_up(width, multiple) - width
+    if extra == 0:
+        return batch
+    return {
+        **batch,
+        "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id),
+        "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0),
+    }
+
+
+class FitCollator:
+    """Batches of every role (each role padded to a multiple of ``pad_multiple`` tokens), plus
+    cached targets when a cache is given."""
+
+    def __init__(self, pad_id: int, cache: TargetCache | None = None, *, pad_multiple: int = PAD_MULTIPLE) -> None:
         self.pad_id = pad_id
         self.cache = cache
+        self.pad_multiple = pad_multiple
 
     def __call__(self, examples: Sequence[FitExample]) -> dict:
-        batch: dict = collate_roles(examples, self.pad_id)
+        batch: dict = {
+            role: pad_to_multiple(b, self.pad_multiple, self.pad_id)
+            for role, b in collate_roles(examples, self.pad_id).items()
+        }
         if self.cache is not None:
             width = int(batch["orig"]["reply_len"].max())
             batch["targets"] = self.cache.batch([e.index for e in examples], width)
@@ -69,31 +102,58 @@ class FitCollator:
 
 
 def example_length(example: FitExample) -> int:
-    """Padding key of an example: its longest input over the roles (frozen passes pad each role)."""
-    return max(len(example.inputs[role].input_ids) for role in ROLES)
+    """Sorting key of an example: its longest input over the roles (frozen passes pad each role)."""
+    return max(role_lengths(example))
+
+
+def role_lengths(example: FitExample) -> tuple[int, ...]:
+    """Input length of each role, in ``ROLES`` order (instructions make them differ in SCIT)."""
+    return tuple(len(example.inputs[role].input_ids) for role in ROLES)
+
+
+def padded_tokens(lengths: Sequence[Sequence[int]], group: Sequence[int], multiple: int = 1) -> int:
+    """Tokens the passes of one batch process, padding included: over the roles, the batch size
+    times the role's longest input rounded up to ``multiple`` (as :class:`FitCollator` pads).
+    What drives a step's memory: activations scale with it."""
+    roles = range(len(lengths[group[0]]))
+    return sum(len(group) * round_up(max(lengths[i][r] for i in group), multiple) for r in roles)
 
 
 def length_grouped_order(
-    lengths: Sequence[int], group_size: int, generator: torch.Generator, *, mega_groups: int = 50
+    lengths: Sequence[int] | Sequence[Sequence[int]],
+    group_size: int,
+    generator: torch.Generator,
+    *,
+    mega_groups: int = 50,
+    pad_multiple: int = 1,
 ) -> list[int]:
     """A random order in which each run of ``group_size`` indices has similar lengths.
 
-    A random permutation is cut into mega-batches of ``mega_groups`` groups, each sorted by
-    length and cut into groups; the groups are then shuffled, and the one holding the longest
-    example goes first so a run that does not fit in memory fails at its first step. (Trainer's
-    own helper sizes mega-batches for large sets and groups nothing on sets of a few batches.)
+    ``lengths``: one length per example, or one per role (:func:`role_lengths`). A random
+    permutation is cut into mega-batches of ``mega_groups`` groups, each sorted by (longest)
+    length and cut into groups; the full groups are then shuffled, the costliest one
+    (:func:`padded_tokens` over all roles) goes first so a run that does not fit in memory fails
+    at its first step and later steps reuse the memory the first one took, and a partial group
+    (fewer than ``group_size``) goes last. (Trainer's own helper sizes mega-batches for large
+    sets and groups nothing on sets of a few batches.)
     """
-    order = torch.randperm(len(lengths), generator=generator).tolist()
+    per_role = [(n,) if isinstance(n, int) else tuple(n) for n in lengths]
+    longest = [max(n) for n in per_role]
+    order = torch.randperm(len(per_role), generator=generator).tolist()
     mega = group_size * mega_groups
     groups = []
     for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        chunk = sorted(order[start : start + mega], key=lambda i: -longest[i])
         groups += [chunk[i : i + group_size] for i in range(0, len(chunk), group_size)]
+    # Only the last mega-batch can leave a partial group: it goes last, since batches are cut from
+    # this order every group_size indices and a partial group anywhere else would shift every
+    # later batch across two groups (mixed lengths, more padding, new widths).
+    partial = [groups.pop()] if groups and len(groups[-1]) < group_size else []
     groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
     if groups:
-        longest = max(range(len(groups)), key=lambda g: max(lengths[i] for i in groups[g]))
-        groups.insert(0, groups.pop(longest))
-    return [i for group in groups for i in group]
+        costliest = max(range(len(groups)), key=lambda g: padded_tokens(per_role, groups[g], pad_multiple))
+        groups.insert(0, groups.pop(costliest))
+    return [i for group in groups + partial for i in group]
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -103,8 +163,11 @@ class LengthGroupedSampler(Sampler[int]):
     resumed from a checkpoint sees the same batches as an uninterrupted one.
     """
 
-    def __init__(self, lengths: Sequence[int], group_size: int, *, seed: int) -> None:
+    def __init__(
+        self, lengths: Sequence[int] | Sequence[Sequence[int]], group_size: int, *, seed: int, pad_multiple: int = 1
+    ) -> None:
         self.lengths, self.group_size, self.seed, self.epoch = list(lengths), group_size, seed, 0
+        self.pad_multiple = pad_multiple
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -114,7 +177,44 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(length_grouped_order(self.lengths, self.group_size, generator))
+        return iter(length_grouped_order(self.lengths, self.group_size, generator, pad_multiple=self.pad_multiple))
+
+
+def _glibc_malloc_trim():
+    """glibc's ``malloc_trim``, or None (another libc, e.g. musl or macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class ReleaseFreedMemory(TrainerCallback):
+    """Hand the heap's freed pages back to the OS at the start of training and after each step.
+
+    Why (issue #17): glibc serves tensors under its mmap threshold, which it raises up to 32 MB
+    after the first large free, from the heap. A step's activations are freed at its end, but
+    long-lived allocations made between steps (optimizer state, checkpoint saving, logging)
+    land in the freed space, so the next large batch cannot reuse it whole and the heap, and the
+    resident set, grows again: the peak climbed each time the epoch's largest batch came back.
+    ``malloc_trim(0)`` releases every free page of the heap (not only its top), so each step
+    starts from the memory it really holds. A no-op where the libc is not glibc.
+    """
+
+    def __init__(self) -> None:
+        self.trim = _glibc_malloc_trim()
+
+    def release(self) -> None:
+        if self.trim is not None:
+            self.trim(0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.release()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.release()
 
 
 class FitTrainer(GuardedTrainer):
@@ -142,6 +242,10 @@ class FitTrainer(GuardedTrainer):
         self.pad_id, self.truncate, self.batch_frozen, self.kl_weight = pad_id, truncate, batch_frozen, kl_weight
         self.group_by_length = group_by_length
         self.bf16 = bool(getattr(getattr(self, "args", None), "bf16", False)) if bf16 is None else bf16
+        if hasattr(self, "callback_handler") and not any(
+            isinstance(c, ReleaseFreedMemory) for c in self.callback_handler.callbacks
+        ):
+            self.add_callback(ReleaseFreedMemory())  # host memory: the CPU heap (issue #17)
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
         """With ``group_by_length``, batches of similar length (our items are FitExamples, which
@@ -151,7 +255,8 @@ class FitTrainer(GuardedTrainer):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthGroupedSampler([example_length(e) for e in dataset], group, seed=seed)
+        multiple = getattr(self.data_collator, "pad_multiple", 1)
+        return LengthGroupedSampler([role_lengths(e) for e in dataset], group, seed=seed, pad_multiple=multiple)
 
     def autocast(self) -> torch.autocast:
         """One precision for every forward of the loss, also those Trainer does not wrap (frozen

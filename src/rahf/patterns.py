@@ -50,7 +50,18 @@ def scit_passes(config: AlignConfig) -> dict[str, FrozenPass]:
 
 
 def dual_passes(config: AlignConfig) -> dict[str, FrozenPass]:
-    """Dual: the base model, and the preferred / dispreferred models, all without instruction."""
+    """Dual: the base model, and the preferred / dispreferred models, all without instruction.
+
+    ``patterns.align_target: preferred`` (reference code): the aligned model is M+ itself, so
+    A_o is M+ under I+ and A_+ is M+ without instruction (both: the frozen weights under the
+    fitted adapter); M- is a separate copy (``rahf.preference.dual.load_preferred_target``).
+    """
+    if config.patterns.align_target == "preferred":
+        return {
+            "orig": FrozenPass(FROZEN, config.preferred_instruction),
+            "preferred": FrozenPass(FROZEN, None),
+            "dispreferred": FrozenPass("dispreferred", None),
+        }
     return {
         "orig": FrozenPass(FROZEN, None),
         "preferred": FrozenPass("preferred", None),

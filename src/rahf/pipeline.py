@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from rahf import console
 from rahf.config import AlignConfig, ConfigError
 from rahf.data import PreferencePair, load_preferences, split_pairs
 from rahf.data.schema import DataError
@@ -110,7 +111,9 @@ class RunDir:
                 )
         check_writable_dir(self.root)
         if overwrite and self.root.exists() and is_main_process():
-            shutil.rmtree(self.root)
+            from rahf.runlock import clear_folder
+
+            clear_folder(self.root)  # everything but the lock this run holds (rahf.runlock)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, current)
         config.save(self.root / "config.yaml")
@@ -136,7 +139,7 @@ def run_stage(
     log_path = folder / "log.json"
     wait_for_everyone()
     if run.is_done(name):
-        print(f"rahf: skipping {name} (already done in {folder})")
+        console.info(f"rahf: skipping {name} (already done in {folder})")
         log[name] = json.loads(log_path.read_text()) if log_path.is_file() else []
         run.finished.append(name)
         return (read_marker(folder / "DONE.json") or {}).get("result", {})
@@ -144,7 +147,7 @@ def run_stage(
     if name in run.stale and is_main_process():
         shutil.rmtree(folder, ignore_errors=True)  # its checkpoints came from the old inputs
     wait_for_everyone()
-    print(f"rahf: stage {name} ...")
+    console.info(f"rahf: stage {name} ...")
     start = time.time()
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
@@ -152,7 +155,8 @@ def run_stage(
         from transformers import set_seed
 
         set_seed(seed)
-    result = (work(folder) if is_main_process() or not main_only else None) or {}
+    with console.library_deprecations_ignored():  # see rahf.console.KNOWN_LIBRARY_DEPRECATIONS
+        result = (work(folder) if is_main_process() or not main_only else None) or {}
     wait_for_everyone()
     records = result.pop("log", [])
     atomic_write_json(log_path, records)
@@ -160,7 +164,7 @@ def run_stage(
     result["seconds"] = round(time.time() - start, 1)
     run.mark_done(name, {"result": result})
     run.finished.append(name)
-    print(f"rahf: {name} done in {result['seconds']} s")
+    console.info(f"rahf: {name} done in {result['seconds']} s")
     return result
 
 
@@ -179,7 +183,8 @@ def read_pairs(path: Path) -> list[PreferencePair]:
 
 def prepare_data(config: AlignConfig, folder: Path) -> dict:
     loaded = load_preferences(
-        config.data, format=config.data_format, skip_invalid=config.skip_invalid, split=config.data_split
+        config.data, format=config.data_format, skip_invalid=config.skip_invalid, split=config.data_split,
+        columns=config.data_columns,
     )
     train, validation = split_pairs(loaded.pairs, validation_fraction=config.validation_fraction, seed=config.seed)
     if config.max_pairs is not None:
@@ -188,51 +193,82 @@ def prepare_data(config: AlignConfig, folder: Path) -> dict:
         raise DataError(f"{config.data}: no training pairs left after filtering and the validation split")
     _save_pairs(folder / "train.jsonl", train)
     _save_pairs(folder / "validation.jsonl", validation)
-    return {"train": len(train), "validation": len(validation), "format": loaded.format, "invalid": loaded.invalid}
+    stats = {"train": len(train), "validation": len(validation), "format": loaded.format, "invalid": loaded.invalid}
+    if config.patterns.disjoint_share > 0:  # share 0: train.jsonl feeds every step, as before
+        step1, patterns = halves(config, train)
+        _save_pairs(folder / "step1.jsonl", step1)
+        _save_pairs(folder / "patterns.jsonl", patterns)
+        stats.update(step1=len(step1), patterns=len(patterns))
+    return stats
+
+
+def halves(config: AlignConfig, train: list[PreferencePair]) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """``(step-1 pairs, pattern pairs)``: prompt-disjoint halves of ``train`` (``patterns.disjoint_share``)."""
+    from rahf.data.split import disjoint_halves
+
+    step1, patterns = disjoint_halves(train, share=config.patterns.disjoint_share, seed=config.seed)
+    for name, part in (("step 1", step1), ("steps 2-3", patterns)):
+        if not part:
+            raise DataError(
+                f"{config.data}: patterns.disjoint_share={config.patterns.disjoint_share} leaves no pairs for {name}"
+                f" out of {len(train)} training pairs: use more data, another share, or 0 to feed every step all pairs"
+            )
+    return step1, patterns
+
+
+def read_halves(run: RunDir) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """The data stage's step-1 and pattern pairs (both ``train.jsonl`` when not split)."""
+    data = run.stage("data")
+    if (data / "step1.jsonl").is_file():
+        return read_pairs(data / "step1.jsonl"), read_pairs(data / "patterns.jsonl")
+    train = read_pairs(data / "train.jsonl")
+    return train, train
 
 
 def base_weights(config: AlignConfig, run: RunDir) -> str:
-    """The weights step 3's adapter applies to: M_s for SCIT, the original model for Dual."""
+    """The weights step 3's adapter applies to: M_s for SCIT, the original model for Dual
+    (M+, merged, with ``patterns.align_target: preferred``)."""
     if config.method == "scit":
         return str((run.stage("step1") / "merged").resolve())
+    if config.patterns.align_target == "preferred":
+        return str((run.stage("step1_preferred") / "merged").resolve())
     return resolve_model_path(config.model)
 
 
 def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
-    """Run (or resume) the whole RAHF pipeline; returns ``RUN_DIR/final``."""
-    from rahf.models import load_tokenizer
+    """Run (or resume) the whole RAHF pipeline; returns ``RUN_DIR/final``.
 
-    run = RunDir(config.run_dir)
+    The run folder is locked for the whole run (:mod:`rahf.runlock`): one writer per folder.
+    """
+    from rahf.runlock import run_lock
+
     layers = target_layers(config)  # validate before any work
     preflight(config)
     join_process_group()
+    with run_lock(config.run_dir), console.library_deprecations_ignored():  # rahf.console: peft's stale read
+        return _align(config, layers, overwrite=overwrite)
+
+
+def _align(config: AlignConfig, layers: list[int], *, overwrite: bool) -> Path:
+    from rahf.convergence import check_lines, checks_records
+    from rahf.models import load_tokenizer
+    from rahf.preference.stage import step1_with_readiness
+
+    run = RunDir(config.run_dir)
     run.check_config(config, overwrite=overwrite)
     tokenizer = load_tokenizer(config.model)
     log: dict[str, list] = {}
 
     data_stats = run_stage(run, "data", lambda out: prepare_data(config, out), log=log, seed=config.seed)
-    train = read_pairs(run.stage("data") / "train.jsonl")
+    step1_pairs, train = read_halves(run)  # train: the pairs steps 2-3 read patterns on
 
-    # Step 1: teach the model what is preferred.
-    step1_dirs: dict[str, str] = {}
-    if config.method == "scit":
-        from rahf.preference.scit import train_scit
-
-        run_stage(run, "step1", lambda out: {"log": train_scit(config, train, tokenizer, out)}, log=log, seed=config.seed)
-    else:
-        from rahf.preference.dual import train_side
-
-        for side in ("preferred", "dispreferred"):
-            name = f"step1_{side}"
-            run_stage(
-                run, name, lambda out, side=side: {"log": train_side(config, train, tokenizer, side, out)},
-                log=log, seed=config.seed,
-            )
-            step1_dirs[side] = str(run.stage(name))
+    # Step 1: teach the model what is preferred; check on held-out pairs that it separates.
+    step1_dirs = {} if config.method == "scit" else {s: str(run.stage(f"step1_{s}")) for s in ("preferred", "dispreferred")}
+    readiness = step1_with_readiness(config, run, step1_pairs, train, tokenizer, log)
 
     # Steps 2 and 3: patterns, targets, and the fitted adapter.
     base = base_weights(config, run)
-    run_stage(
+    fit_result = run_stage(
         run, "fit", lambda out: fit_stage(config, run, train, tokenizer, layers, base, step1_dirs, out),
         log=log, seed=config.seed,
     )
@@ -242,7 +278,7 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
 
         write_adapter(run.stage("fit") / "adapter", out / "adapter", base)
         write_merged(out / "adapter", out / "merged", tokenizer)
-        write_logs(log, out)
+        write_logs(log, out, extra=checks_records(readiness, fit_result))
         config.save(out / "config.yaml")
         card = model_card(
             config,
@@ -251,6 +287,7 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
             settings=f"Target layers (hidden_states indices) {layers}, alpha {config.patterns.alpha}, patterns on"
             f" `{config.pattern_reply}` replies; fitting LoRA r={config.fit.lora.r} on {config.fit.lora.target_modules}.",
             base=base, data_stats=data_stats, logs=log, tags=("representation-engineering", "alignment", "lora"),
+            checks=check_lines(config, readiness, fit_result, data_stats),
         )
         atomic_write_text(out / "README.md", card)
         return {}
@@ -261,23 +298,33 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> Path:
 
 
 def fit_stage(config, run: RunDir, train, tokenizer, layers, base: str, step1_dirs, out: Path) -> dict:
+    from rahf.convergence import ConvergenceLog, PlateauStop, held_out_examples, measure_progress
+    from rahf.convergence import progress_line as convergence_line
     from rahf.fitting import FitCollator, FitTrainer, compute_cache, load_fit_model
     from rahf.patterns import fit_examples, pattern_passes
     from rahf.target_cache import CacheError, TargetCache
     from rahf.training import LossLogCallback, save_trained, train_resumably, training_arguments
 
-    model, frozen = load_fit_model(config, base, step1_dirs, layers)
+    if config.patterns.align_target == "preferred":
+        from rahf.preference.dual import load_preferred_target
+
+        model, frozen = load_preferred_target(config, base, step1_dirs, layers)
+    else:
+        model, frozen = load_fit_model(config, base, step1_dirs, layers)
     if max(layers) > num_layers(model):
         raise ConfigError(f"patterns.target_layers go up to {max(layers)} but the model has {num_layers(model)} blocks")
     examples = fit_examples(train, tokenizer, config)
     log = LossLogCallback()
+    held, held_source = held_out_examples(config, read_pairs(run.stage("data") / "validation.jsonl"), examples, tokenizer)
+    progress, plateau = ConvergenceLog(held), PlateauStop(config.fit.plateau_window, config.fit.plateau_threshold)
     trainer = FitTrainer(
         model=model,
         args=training_arguments(config, config.fit.train, out / "checkpoints", stage="fit"),
         train_dataset=examples,
         data_collator=FitCollator(tokenizer.pad_token_id),
-        callbacks=[log],
+        callbacks=[progress, log, plateau],
     )
+    progress.trainer = trainer
     trainer.setup_fit(
         layers=layers, alpha=config.patterns.alpha, passes=pattern_passes(config), frozen=frozen,
         pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward and config.fit.kl_weight == 0,
@@ -304,4 +351,11 @@ def fit_stage(config, run: RunDir, train, tokenizer, layers, base: str, step1_di
         trainer.data_collator = FitCollator(tokenizer.pad_token_id, cache)
     train_resumably(trainer)
     save_trained(model, out, merged=False)
-    return {"log": log.records, "examples": len(examples), "layers": layers}
+    result = {"log": log.records, "examples": len(examples), "layers": layers,
+              "steps": trainer.state.global_step, "plateau_stop": plateau.stopped_at}
+    if held:
+        result["convergence"] = {"examples": len(held), "source": held_source, **measure_progress(trainer, held)}
+        if is_main_process():
+            print(f"rahf: fit reached, per layer, this share of the target on {len(held)} {held_source} examples"
+                  f" (1.0 = reached): {convergence_line(result['convergence'])}")
+    return result

@@ -89,7 +89,8 @@ def plan(config: AlignConfig) -> dict:
     preflight(config)
     check_writable_dir(config.run_dir)
     model_cfg = model_config(config.model)
-    loaded = load_preferences(config.data, format=config.data_format, skip_invalid=config.skip_invalid, split=config.data_split)
+    loaded = load_preferences(config.data, format=config.data_format, skip_invalid=config.skip_invalid,
+                              split=config.data_split, columns=config.data_columns)
     train, validation = split_pairs(loaded.pairs, validation_fraction=config.validation_fraction, seed=config.seed)
     train = train[: config.max_pairs] if config.max_pairs else train
     if not train:
@@ -113,8 +114,11 @@ def plan(config: AlignConfig) -> dict:
             return train_cfg.max_steps
         return math.ceil(train_cfg.epochs * math.ceil(examples / (train_cfg.batch_size * train_cfg.grad_accum)))
 
-    step1_examples = 2 * len(train) if config.method == "scit" else len(train)
-    fit_examples = len(train) * (2 if config.pattern_reply == "both" else 1)
+    from rahf.pipeline import halves
+
+    step1_pairs, pattern_pairs = halves(config, train)
+    step1_examples = 2 * len(step1_pairs) if config.method == "scit" else len(step1_pairs)
+    fit_examples = len(pattern_pairs) * (2 if config.pattern_reply == "both" else 1)
     stages = (["step1"] if config.method == "scit" else ["step1_preferred", "step1_dispreferred"]) + ["fit", "final"]
     hidden, n_layers = model_cfg.hidden_size, model_cfg.num_hidden_layers
     params = n_layers * 12 * hidden * hidden + 2 * model_cfg.vocab_size * hidden  # rough, for the estimate
@@ -124,7 +128,8 @@ def plan(config: AlignConfig) -> dict:
     return {
         "method": config.method,
         "model": config.model,
-        "data": {"source": config.data, "format": loaded.format, "train_pairs": len(train), "validation_pairs": len(validation), "invalid": loaded.invalid},
+        "data": {"source": config.data, "format": loaded.format, "train_pairs": len(train), "validation_pairs": len(validation), "invalid": loaded.invalid,
+                 "step1_pairs": len(step1_pairs), "pattern_pairs": len(pattern_pairs), "disjoint_share": config.patterns.disjoint_share},
         "stages": stages,
         "target_layers": layers,
         "steps": {"step1 (each side)" if config.method == "dual" else "step1": steps(config.step1.train, step1_examples), "fit": steps(config.fit.train, fit_examples)},
@@ -155,6 +160,8 @@ def format_plan(plan_: dict) -> str:
         f"  model          {plan_['model']}",
         f"  data           {data['source']} ({data['format']}): {data['train_pairs']} train / "
         f"{data['validation_pairs']} validation pairs" + (f", {invalid} invalid rows skipped" if invalid else ""),
+        f"  halves         {data['step1_pairs']} pairs train step 1, {data['pattern_pairs']} feed steps 2-3"
+        + (f" (disjoint by prompt, patterns.disjoint_share={data['disjoint_share']})" if data["disjoint_share"] else " (the same pairs: patterns.disjoint_share=0)"),
         f"  target layers  {', '.join(map(str, plan_['target_layers']))}",
         f"  tokens         {tokens['train_total']} in the training pairs; truncated: "
         f"{tokens['truncated_prompts']} prompts, {tokens['truncated_replies']} replies",

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from rahf import console
 from rahf.config import AlignConfig, LoraSettings, TrainSettings
 from rahf.io import (
     HASH_LIMIT,
@@ -66,13 +68,34 @@ def add_lora(
     """Wrap ``model`` with a new trainable adapter (or add one to a PeftModel).
 
     Adapters that get saved are called "default": PEFT writes other names into sub-folders.
+    ``all-linear`` with ``blocks`` is spelt out as the blocks' linear module names (PEFT takes
+    no block restriction with ``all-linear``).
     """
+    if blocks is not None and settings.target_modules == ["all-linear"]:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, target_modules=block_linear_names(model))
     config = lora_config(settings, blocks=blocks)
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
         model.set_adapter(name)
         return model
-    return get_peft_model(model, config, adapter_name=name)
+    with console.library_deprecations_ignored():
+        return get_peft_model(model, config, adapter_name=name)
+
+
+def block_linear_names(model) -> list[str]:
+    """Names of the linear modules inside the decoder blocks (``q_proj``, ``down_proj`` ...),
+    seen through LoRA layers already there."""
+    from rahf.plumbing import decoder_blocks
+
+    names = set()
+    for name, module in decoder_blocks(model).named_modules():
+        parts = name.split(".")
+        if not isinstance(module, torch.nn.Linear) or any(p.startswith("lora_") for p in parts):
+            continue
+        names.add(parts[-2] if parts[-1] == "base_layer" else parts[-1])
+    return sorted(names)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -122,7 +145,7 @@ def training_arguments(
         activation_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=console.is_quiet(),  # the bar itself is StageProgress (train_resumably)
         use_cpu=(config.device == "cpu") or not torch.cuda.is_available(),
     )
 
@@ -169,7 +192,7 @@ def good_checkpoints(output_dir: str | Path, *, report: bool = True) -> tuple[Pa
         if problem is None:
             return folder, bad
         if report:
-            print(f"rahf: not resuming from {folder}: {problem}")
+            console.info(f"rahf: not resuming from {folder}: {problem}")
         bad.append(folder)
     return None, bad
 
@@ -211,6 +234,59 @@ def _stage_dir(args: TrainingArguments) -> str:
     return Path(args.output_dir).parent.name
 
 
+def _format_value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class StageProgress(TrainerCallback):
+    """One progress bar per training stage, named after it, with the latest loss on it.
+
+    Replaces the Trainer's own bar, which prints every log dict between bar redraws. With
+    ``--verbose`` each logged step is also written as one line (``step 5/20  loss 0.0106 ...``);
+    with ``--quiet`` there is no bar. Only the main process draws.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not console.is_quiet():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc=self.stage, unit="step",
+                dynamic_ncols=True, file=sys.stderr,
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.bar.set_postfix(loss=_format_value(logs["loss"]), refresh=False)
+        elif "train_loss" in logs and not self.bar.postfix:  # fewer steps than logging_steps
+            self.bar.set_postfix(mean_loss=_format_value(logs["train_loss"]), refresh=True)
+        if console.is_verbose():
+            values = "  ".join(f"{k} {_format_value(v)}" for k, v in logs.items())
+            self.bar.write(f"{self.stage} step {state.global_step}/{state.max_steps}  {values}", file=sys.stderr)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def use_stage_progress(trainer: Trainer) -> None:
+    """Swap the Trainer's bar and log printer for :class:`StageProgress`."""
+    for callback in (ProgressCallback, PrinterCallback, StageProgress):  # StageProgress: a rerun's
+        trainer.remove_callback(callback)
+    trainer.add_callback(StageProgress(getattr(trainer, "stage", None) or _stage_dir(trainer.args)))
+
+
 class CheckpointMarker(TrainerCallback):
     """Write :data:`CHECKPOINT_MARKER` into each checkpoint once the Trainer has saved all of it.
 
@@ -231,25 +307,31 @@ class StopOnSignal(TrainerCallback):
     """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop training.
 
     The handler only records the signal (printing from a handler can collide with tqdm's
-    writes); the callback acts at the next step end. A second signal stops at once.
+    writes); the callback acts at the next step end. A second signal stops at once. In a
+    distributed run the ranks agree at every step end on whether any of them got one, so all
+    stop after the same step even when the launcher's SIGTERM reaches them a moment apart.
     """
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # received here, or by another rank
+        self.received = False  # this process got a signal itself
         self.announced = False
         self.previous: dict[int, object] = {}  # handlers to fall back on for a second signal
 
     def request(self, signum: int, frame) -> None:
-        if self.signum is not None:
+        if self.received:
             fallback = self.previous.get(signum)
             if callable(fallback):
                 fallback(signum, frame)
             raise KeyboardInterrupt
-        self.signum = signum
+        self.received = True
+        self.signum = self.signum or signum
 
     def on_step_end(self, args, state, control, **kwargs):
         inject_fault(f"step:{_stage_dir(args)}:{state.global_step}")
-        if self.signum is not None:
+        agreed = _agreed_signal(self.signum, args.device)
+        if agreed is not None:
+            self.signum = self.signum or agreed
             if not self.announced:
                 from tqdm.auto import tqdm
 
@@ -260,6 +342,39 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _agreed_signal(signum: int | None, device) -> int | None:
+    """The signal any rank got, on every rank (itself outside a distributed run): ranks that
+    stopped after different steps would wait for each other in their next collective forever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return signum
+    flag = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+class SamplerEpoch(TrainerCallback):
+    """Tell the data sampler the epoch at every epoch start, wherever the loader wrappers put it.
+
+    Under DDP, accelerate's ``DataLoaderShard.set_epoch`` does not reach a sampler inside
+    ``BatchSamplerShard`` once ``skip_first_batches`` has wrapped the loader for a resume
+    (accelerate 1.15): a 2-process run resumed mid-epoch drew epoch 0's order and ended with
+    another adapter (tests/reliability/test_multiprocess_resume.py).
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        epoch, todo, seen = math.floor(state.epoch or 0), [train_dataloader], set()
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if callable(getattr(node, "set_epoch", None)):
+                node.set_epoch(epoch)
+            todo += [getattr(node, name, None) for name in ("batch_sampler", "sampler")]
 
 
 @contextlib.contextmanager
@@ -289,10 +404,12 @@ def _disk_full(err: BaseException, folder: Path) -> bool:
         return False
 
 
-def _finished(checkpoint: Path) -> bool:
-    """Whether a checkpoint was saved at the last step its run planned."""
+def _finished(checkpoint: Path, max_steps: int = -1) -> bool:
+    """Whether a checkpoint was saved at the last step its run planned, and (``max_steps`` > 0)
+    holds at least that many steps: a stage trained on in chunks resumes from an earlier end."""
     state = read_marker(checkpoint / "trainer_state.json") or {}
-    return isinstance(state.get("max_steps"), int) and state.get("global_step", -1) >= state["max_steps"] > 0
+    done = isinstance(state.get("max_steps"), int) and state.get("global_step", -1) >= state["max_steps"] > 0
+    return done and (max_steps <= 0 or state["global_step"] >= max_steps)
 
 
 def train_resumably(trainer: Trainer) -> None:
@@ -312,13 +429,13 @@ def train_resumably(trainer: Trainer) -> None:
     wait_for_everyone()
     if last:
         note = f" (newest complete checkpoint; {len(bad)} newer one(s) removed)" if bad else ""
-        print(f"rahf: resuming from {last}{note}")
+        console.info(f"rahf: resuming from {last}{note}")
     elif bad:
-        print(f"rahf: no complete checkpoint in {out}; starting this stage from the beginning")
-    if last and _finished(last):
+        console.info(f"rahf: no complete checkpoint in {out}; starting this stage from the beginning")
+    if last and _finished(last, trainer.args.max_steps):
         # transformers 5.24 resumed at global_step == max_steps trains one step more when
         # max_steps ends mid-epoch; the checkpoint already holds the final weights: load them.
-        print(f"rahf: {last} holds the last step of this stage; loading it")
+        console.info(f"rahf: {last} holds the last step of this stage; loading it")
         trainer._load_from_checkpoint(str(last))  # what train() does on resume
         trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))
         for callback in trainer.callback_handler.callbacks:
@@ -327,7 +444,9 @@ def train_resumably(trainer: Trainer) -> None:
         return
     stop = StopOnSignal()
     trainer.add_callback(CheckpointMarker())
+    trainer.add_callback(SamplerEpoch())
     trainer.add_callback(stop)
+    use_stage_progress(trainer)
     set_seed(trainer.args.seed)
     try:
         with _handle_signals(stop):

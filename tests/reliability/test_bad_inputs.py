@@ -128,7 +128,29 @@ DATA_CASES: dict[str, Case] = {
     "parquet_wrong_columns": Case("wrong.parquet", parquet({"question": ["a"], "answer": ["b"]}), ["{path}: row 1, field 'chosen': missing field"]),
     "not_a_parquet": Case("fake.parquet", b"hello", ["{path}: not a readable parquet file"]),
     "broken_gzip": Case("broken.jsonl.gz", gzip.compress(jsonl(GOOD))[:20], ["{path}: not a valid gzip file"]),
-    "unsupported_extension": Case("pairs.csv", b"prompt,chosen,rejected\n", ["{path}: unsupported file type; expected one of .jsonl"]),
+    "unsupported_extension": Case("pairs.xlsx", b"prompt,chosen,rejected\n", ["{path}: unsupported file type; expected one of .jsonl"]),
+    "csv_header_only": Case("header.csv", b"prompt,chosen,rejected\n", ["{path}: no rows"]),
+    "csv_ragged_row": Case(
+        "ragged.csv", b"prompt,chosen,rejected\nHi,Hello\n",
+        ["{path}: row 2, field '(row)': not a valid CSV row (2 cells, but the header names 3 columns)"],
+    ),
+    "csv_duplicate_column": Case("dup.csv", b"prompt,chosen,chosen\nHi,a,b\n", ["{path}: row 1 (the header): column 'chosen' appears twice"]),
+    "mapped_column_missing": Case(
+        "mapped.csv", b"question,good,bad\nHi,Hello,No\n",
+        ["{path}: column 'prompt_text' (given for prompt in the column mapping) does not exist;"
+         " the columns are 'question', 'good', 'bad'"],
+        args=["--columns", "prompt=prompt_text,chosen=good,rejected=bad"],
+    ),
+    "mapped_reply_empty": Case(
+        "mapped_empty.csv", b"question,good,bad\nHi,,No\n", ["{path}: row 2, field 'good': empty reply"],
+        args=["--columns", "prompt=question,chosen=good,rejected=bad"],
+    ),
+    "columns_malformed": Case("cols.jsonl", jsonl(GOOD), ["data_columns: 'prompt:question' is not key=column"],
+                              args=["--columns", "prompt:question"]),
+    "inspect_columns_unknown_key": Case(
+        "inspect_cols.jsonl", jsonl(GOOD), ["--columns: unknown key 'answer'; the keys are prompt, chosen, rejected"],
+        command="inspect", args=["--columns", "answer=a"],
+    ),
     "missing_file": Case("nowhere.jsonl", None, ["{path}: no such file or folder"]),
     "all_rows_invalid_skipped": Case(
         "all_bad.jsonl", jsonl({**GOOD, "rejected": "Four."}, {**GOOD, "chosen": "x", "rejected": "x"}),

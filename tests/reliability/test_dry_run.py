@@ -20,7 +20,8 @@ def test_dry_run_validates_and_plans_without_loading_weights(tmp_path, assets, c
     monkeypatch.setattr(rahf.models, "load_model", no_weights)
     model, data = assets
     run_dir = tmp_path / "run"
-    code = main(["align", "--dry-run", "--json", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *RUN_SETTINGS])
+    code = main(["align", "--dry-run", "--json", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *RUN_SETTINGS,
+                 "--set", "patterns.disjoint_share=0"])  # every training pair feeds both steps
     assert code == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["stages"] == ["step1_preferred", "step1_dispreferred", "fit", "final"]
@@ -37,7 +38,8 @@ def test_plan_reads_as_a_table(tmp_path, assets):
 
     model, data = assets
     config = load_config(None, [f"model={model}", f"data={data}", f"run_dir={tmp_path / 'run'}", "method=scit",
-                                "patterns.target_layers=[1,2]", "step1.train.max_steps=3", "fit.train.max_steps=5"])
+                                "patterns.target_layers=[1,2]", "step1.train.max_steps=3", "fit.train.max_steps=5",
+                                "patterns.disjoint_share=0"])  # every training pair feeds both steps
     text = format_plan(plan(config))
     lines = text.splitlines()
     assert lines[0] == "rahf align --dry-run: config and data are valid; nothing was trained"

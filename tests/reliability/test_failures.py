@@ -89,6 +89,9 @@ def test_torch_save_disk_full_error_becomes_enospc(tmp_path, monkeypatch):
         def add_callback(self, callback) -> None:
             pass
 
+        def remove_callback(self, callback) -> None:
+            pass
+
         def train(self, resume_from_checkpoint=None) -> None:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 

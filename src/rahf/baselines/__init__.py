@@ -45,13 +45,21 @@ def train_dpo(config: AlignConfig, *, overwrite: bool = False) -> Path:
 
 
 def run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwrite: bool = False) -> Path:
-    """data -> ``method`` -> final, with align's RunDir, resume rules and export."""
-    from rahf.io import atomic_write_text, join_process_group
+    """data -> ``method`` -> final, with align's RunDir, resume rules, run-folder lock and export."""
+    from rahf.io import join_process_group
+    from rahf.runlock import run_lock
+
+    join_process_group()
+    with run_lock(config.run_dir):  # one writer per run folder (rahf.runlock)
+        return _run_baseline(config, method, stage, overwrite=overwrite)
+
+
+def _run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwrite: bool) -> Path:
+    from rahf.io import atomic_write_text
     from rahf.models import load_tokenizer, resolve_model_path
     from rahf.pipeline import RunDir, prepare_data, read_pairs, run_stage
 
     run = RunDir(config.run_dir)
-    join_process_group()
     run.check_config(config, overwrite=overwrite)
     tokenizer = load_tokenizer(config.model)
     base = resolve_model_path(config.model)

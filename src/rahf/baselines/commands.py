@@ -28,14 +28,19 @@ def baseline_config(args: argparse.Namespace, method: str) -> AlignConfig:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from rahf.baselines import train_dpo, train_sft
+    from rahf.commands import push_final
 
     train = {"sft": train_sft, "dpo": train_dpo}[args.baseline]
-    train(baseline_config(args, args.baseline), overwrite=args.overwrite)
+    if args.push_to_hub:
+        from rahf.export import check_push_target
+
+        check_push_target(args.push_to_hub)
+    push_final(args, train(baseline_config(args, args.baseline), overwrite=args.overwrite))
     return 0
 
 
 def register(subparsers) -> None:
-    from rahf.commands import add_align_arguments
+    from rahf.commands import add_align_arguments, add_push_arguments
 
     baseline = subparsers.add_parser(
         "baseline",
@@ -49,4 +54,5 @@ def register(subparsers) -> None:
         parser = methods.add_parser(name, help=text, description=f"{text}. Default --run-dir: runs/{name}.")
         add_align_arguments(parser)
         parser.add_argument("--overwrite", action="store_true", help="delete an existing run in --run-dir first")
+        add_push_arguments(parser)
         parser.set_defaults(func=cmd_baseline)

@@ -14,6 +14,7 @@ from rahf.data.formats import FORMATS
 from rahf.data.readers import load_preferences
 from rahf.data.render import encode_prompt, encode_reply
 from rahf.data.schema import LoadResult
+from rahf.data.split import split_counts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser(
         "data",
         help="inspect preference datasets (prompt / chosen / rejected)",
-        description="Work with preference datasets: files (.jsonl[.gz], .json[.gz], .parquet),"
+        description="Work with preference datasets: files (.jsonl[.gz], .json[.gz], .parquet, .csv, .tsv),"
         " folders written by datasets' save_to_disk, hub dataset ids, or 'builtin'.",
     )
     data.set_defaults(func=lambda args: _print_help(data))
@@ -45,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument(
         "--format", choices=["auto", *FORMATS], default="auto",
         help="row layout (default: detect it from the first row)",
+    )
+    inspect.add_argument(
+        "--columns", metavar="KEY=COLUMN,...",
+        help="the file's column names, e.g. prompt=question,chosen=good,rejected=bad",
     )
     inspect.add_argument(
         "--skip-invalid", action="store_true",
@@ -66,6 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--split", help="split of a dataset dict or hub dataset (default: train)")
     inspect.add_argument("--config-name", help="hub dataset configuration name")
     inspect.add_argument("--limit", type=int, metavar="N", help="stop after N valid pairs")
+    inspect.add_argument(
+        "--validation-fraction", type=float, default=0.1, metavar="F",
+        help="share of prompts align holds out, for the split counts (default: 0.1)",
+    )
+    inspect.add_argument(
+        "--disjoint-share", type=float, default=0.5, metavar="F",
+        help="patterns.disjoint_share: share of training prompts that feed only steps 2-3 (default: 0.5)",
+    )
+    inspect.add_argument("--seed", type=int, default=0, help="split seed, as align's seed (default: 0)")
     inspect.set_defaults(func=run_inspect)
 
 
@@ -80,7 +94,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     result = load_preferences(
         args.data, format=args.format, skip_invalid=args.skip_invalid, split=args.split,
-        config_name=args.config_name, limit=args.limit,
+        config_name=args.config_name, limit=args.limit, columns=args.columns,
     )
     # keep stdout pure JSON: a first-use model conversion prints a note
     with contextlib.redirect_stdout(sys.stderr):
@@ -90,6 +104,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         max_reply_tokens=args.max_reply_tokens,
     )
     report["model"] = args.model
+    report["split"] = split_counts(
+        result.pairs, validation_fraction=args.validation_fraction, share=args.disjoint_share, seed=args.seed
+    )
     print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
     return 0
 
@@ -182,4 +199,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  prompts:  {_share(tr['prompts_truncated'], n)}")
     lines.append(f"  chosen:   {_share(tr['chosen_truncated'], n)}")
     lines.append(f"  rejected: {_share(tr['rejected_truncated'], n)}")
+    if "split" in report:
+        sp = report["split"]
+        pairs, prompts = sp["pairs"], sp["prompts"]
+        lines.append(
+            f"split (validation_fraction={sp['validation_fraction']}, patterns.disjoint_share={sp['disjoint_share']},"
+            f" seed={sp['seed']}): pairs (prompts)"
+        )
+        for name, label in (("train", "train"), ("validation", "validation"), ("step1", "  step 1"), ("patterns", "  steps 2-3")):
+            lines.append(f"  {label:<12}{pairs[name]:>7} ({prompts[name]})")
+        if not sp["disjoint_share"]:
+            lines.append("  (disjoint_share 0: step 1 and steps 2-3 both use every training pair)")
     return "\n".join(lines)

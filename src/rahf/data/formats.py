@@ -19,6 +19,10 @@ user message: otherwise the row is invalid with reason ``malformed_transcript`` 
 
 A bad row raises :class:`RowError` with a reason key from ``REASONS``; the reader turns it into
 a ``DataError`` (file, row, field) or, with ``skip_invalid``, into a count.
+
+Files whose fields have other names are read through a column mapping (``parse_columns``,
+``rename_columns``; ``--columns prompt=question,chosen=good,rejected=bad``): the mapped
+columns take the standard names before detection, and errors name the file's columns.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from rahf.data.schema import Message
+from rahf.data.schema import DataError, Message
 
 PROMPT, CHOSEN, REJECTED = "prompt", "chosen", "rejected"
 ROLES = ("system", "user", "assistant")
@@ -51,6 +55,7 @@ REASONS: dict[str, str] = {
     "misplaced_system": "a system message is allowed only as the first message",
     "not_an_object": "row is not a JSON object",
     "too_long": "row too long",
+    "bad_csv": "not a valid CSV row",
 }
 
 Parsed = tuple[tuple[Message, ...], str, str]  # (prompt, chosen, rejected)
@@ -68,6 +73,65 @@ class RowError(Exception):
     def words(self) -> str:
         text = REASONS[self.reason]
         return f"{text} ({self.detail})" if self.detail else text
+
+
+# -- column mapping -------------------------------------------------------------------------
+
+COLUMN_KEYS = (PROMPT, CHOSEN, REJECTED)
+COLUMNS_EXAMPLE = "prompt=question,chosen=good,rejected=bad"
+
+
+def parse_columns(spec: str | Mapping[str, str] | None, *, name: str = "--columns") -> dict[str, str]:
+    """``"prompt=question,chosen=good"`` (or a mapping) -> ``{"prompt": "question", ...}``.
+
+    Keys are ``COLUMN_KEYS``; values are the file's column names. Raises ``DataError`` (one
+    line, with an example) on bad syntax, unknown or repeated keys, or one column mapped twice.
+    """
+    if spec is None or spec == "" or spec == {}:
+        return {}
+    if isinstance(spec, Mapping):
+        items = [(str(k).strip(), v) for k, v in spec.items()]
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            key, sep, column = part.partition("=")
+            if not sep or not key.strip():
+                raise DataError(f"{name}: '{part.strip()}' is not key=column; write e.g. {COLUMNS_EXAMPLE}")
+            items.append((key.strip(), column))
+    else:
+        raise DataError(f"{name}: expected key=column pairs such as {COLUMNS_EXAMPLE}, got {spec!r}")
+    mapping: dict[str, str] = {}
+    for key, column in items:
+        if key not in COLUMN_KEYS:
+            raise DataError(f"{name}: unknown key '{key}'; the keys are {', '.join(COLUMN_KEYS)} (e.g. {COLUMNS_EXAMPLE})")
+        if key in mapping:
+            raise DataError(f"{name}: '{key}' is mapped twice")
+        if not isinstance(column, str):
+            raise DataError(f"{name}: the column for {key} must be a name, got {column!r}")
+        if not column.strip():
+            raise DataError(f"{name}: no column name after '{key}=' (e.g. {COLUMNS_EXAMPLE})")
+        mapping[key] = column.strip()
+    for key, column in mapping.items():
+        others = [k for k, c in mapping.items() if c == column and k != key]
+        if others:
+            raise DataError(f"{name}: column '{column}' is mapped to both {key} and {others[0]}")
+    return mapping
+
+
+def rename_columns(row: Any, mapping: Mapping[str, str]) -> Any:
+    """The row with its mapped columns under the standard names (``prompt``/``chosen``/...).
+
+    A standard-named column that a mapped one replaces is dropped. A mapped column missing from
+    this row raises ``RowError`` naming it (the reader checks the first row up front).
+    """
+    if not mapping or not isinstance(row, Mapping):
+        return row
+    renamed = {k: v for k, v in row.items() if k not in mapping}
+    for key, column in mapping.items():
+        if column not in row:
+            raise RowError(column, "missing_field", f"the column mapped to {key}")
+        renamed[key] = row[column]
+    return renamed
 
 
 def detect_format(row: Any) -> str | None:

@@ -2,30 +2,43 @@
 
 ``load_preferences`` is the one entry point. Where the rows come from (``_rows``) is separate
 from what they mean (``rahf.data.formats``): every source yields ``(row_number, row)`` with
-1-based row numbers (line numbers for JSONL, blank lines counted), and every row goes through
-the same adapter and checks. Bad rows stop the load with a ``DataError`` naming file, row and
+1-based row numbers (line numbers for JSONL, blank lines counted; spreadsheet row numbers for
+CSV, so the header is row 1 and the first pair row 2), and every row goes through the same
+column mapping, adapter and checks. Bad rows stop the load with a ``DataError`` naming file, row and
 field, or are counted and skipped with ``skip_invalid=True``.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib.resources
+import io
 import json
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from rahf.data.formats import FORMATS, PROMPT, WHOLE_ROW, RowError, detect_format, parse_row
+from rahf.data.formats import (
+    FORMATS,
+    PROMPT,
+    WHOLE_ROW,
+    RowError,
+    detect_format,
+    parse_columns,
+    parse_row,
+    rename_columns,
+)
 from rahf.data.schema import DataError, LoadResult, PreferencePair
 
 BUILTIN = "builtin"
 # A row longer than this is refused (reason ``too_long``): no token window needs a megabyte of
 # text, and tokenising one takes tens of seconds in every stage that encodes it.
 MAX_ROW_CHARS = 1_000_000
-FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz", ".tsv", ".tsv.gz")
+CSV_DELIMITERS = (",", ";", "\t")  # a .csv file's delimiter: the one its header line uses most
 
 Rows = Iterator[tuple[int, Any]]  # (1-based row number, parsed row or a bad_json RowError)
 
@@ -38,35 +51,57 @@ def load_preferences(
     split: str | None = None,
     config_name: str | None = None,
     limit: int | None = None,
+    columns: str | Mapping[str, str] | None = None,
 ) -> LoadResult:
     """Load preference pairs from ``spec``, checking every row, so later stages never see bad data.
 
-    ``spec`` is ``"builtin"``, a ``.jsonl[.gz]`` / ``.json[.gz]`` / ``.parquet`` file, a folder
-    written by ``datasets.Dataset[Dict].save_to_disk`` or a hub dataset id. ``split`` picks the
-    split of a dataset dict or hub dataset (default ``"train"``); ``config_name`` is the hub
-    config. ``format="auto"`` detects the format from the first row that looks like one.
-    ``limit`` stops after that many valid pairs.
+    ``spec`` is ``"builtin"``, a ``.jsonl[.gz]`` / ``.json[.gz]`` / ``.parquet`` /
+    ``.csv[.gz]`` / ``.tsv[.gz]`` file, a folder written by ``datasets.Dataset[Dict].save_to_disk``
+    or a hub dataset id. ``split`` picks the split of a dataset dict or hub dataset (default
+    ``"train"``); ``config_name`` is the hub config. ``format="auto"`` detects the format from
+    the first row that looks like one. ``limit`` stops after that many valid pairs.
+    ``columns`` maps the standard fields to the file's column names
+    (``"prompt=question,chosen=good,rejected=bad"`` or a dict); errors then name the file's columns.
     """
     if format != "auto" and format not in FORMATS:
         raise DataError(f"unknown format '{format}': use auto or one of {', '.join(FORMATS)}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of pairs, got {limit}")
+    mapping = parse_columns(columns)
     rows = _rows(spec, split=split, config_name=config_name)
     return _collect(spec, rows, format=None if format == "auto" else format,
-                    skip_invalid=skip_invalid, limit=limit)
+                    skip_invalid=skip_invalid, limit=limit, columns=mapping)
+
+
+def _check_columns(spec: str, row: Mapping, columns: Mapping[str, str]) -> None:
+    """A mapped column absent from the first row is a typo in the mapping, not a bad row."""
+    for key, column in columns.items():
+        if column not in row:
+            have = ", ".join(f"'{name}'" for name in row) or "none"
+            raise DataError(
+                f"{spec}: column '{column}' (given for {key} in the column mapping) does not exist;"
+                f" the columns are {have}"
+            )
 
 
 def _collect(
-    spec: str, rows: Iterable[tuple[int, Any]], *, format: str | None, skip_invalid: bool, limit: int | None
+    spec: str, rows: Iterable[tuple[int, Any]], *, format: str | None, skip_invalid: bool, limit: int | None,
+    columns: Mapping[str, str] | None = None,
 ) -> LoadResult:
     result = LoadResult(pairs=[], format=format or "", source=spec)
     invalid: Counter[str] = Counter()
+    columns = dict(columns or {})  # also turns error fields back into the file's column names
+    checked = not columns
     seen = 0
     for row_number, row in rows:
         seen += 1
         try:
             if isinstance(row, RowError):
                 raise row
+            if not checked and isinstance(row, Mapping):
+                _check_columns(spec, row, columns)
+                checked = True
+            row = rename_columns(row, columns)
             if result.format == "":
                 detected = detect_format(row)
                 if detected is None:
@@ -77,13 +112,14 @@ def _collect(
             prompt, chosen, rejected = parse_row(row, result.format)
             _check_size(prompt, chosen, rejected)
         except RowError as err:
+            field = "/".join(columns.get(part, part) for part in err.field.split("/"))
             if not skip_invalid:
                 raise DataError(
-                    f"{spec}: row {row_number}, field '{err.field}': {err.words} [{err.reason}]"
+                    f"{spec}: row {row_number}, field '{field}': {err.words} [{err.reason}]"
                     " (use --skip-invalid / skip_invalid=True to skip such rows)"
                 ) from None
             invalid[err.reason] += 1
-            result.invalid_rows.append((row_number, err.field, err.reason))
+            result.invalid_rows.append((row_number, field, err.reason))
             continue
         result.pairs.append(PreferencePair(prompt, chosen, rejected, origin=f"{spec}:{row_number}"))
         if limit is not None and len(result.pairs) >= limit:
@@ -130,6 +166,8 @@ def _rows(spec: str, *, split: str | None, config_name: str | None) -> Rows:
             return _json(path, spec)
         if name.endswith(".parquet"):
             return _parquet(path, spec)
+        if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+            return _csv(path, spec)
         raise DataError(f"{spec}: unsupported file type; expected one of {', '.join(FILE_SUFFIXES)}")
     if _looks_local(spec):
         raise DataError(f"{spec}: no such file or folder")
@@ -221,6 +259,50 @@ def _parquet(path: Path, label: str) -> Rows:
                 yield number, row
     except (pa.ArrowException, OSError) as err:  # a damaged data page, found while reading
         raise DataError(f"{label}: not a readable parquet file after row {number} ({err})") from None
+
+
+def _csv(path: Path, label: str) -> Rows:
+    """Rows of a CSV/TSV file with a header line; every cell is a string (an empty cell is "").
+
+    Read with the standard library, not pandas, so that cells stay the text in the file
+    ("NA", "None", "0042" are replies too) and row numbers match a spreadsheet's.
+    """
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_CHARS + 1))  # longer rows: too_long
+    number = 0
+    try:
+        with _open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
+            first = text.readline()
+            if not first.strip():
+                raise DataError(f"{label}: no header line (the first line must name the columns)")
+            tsv = path.name.lower().endswith((".tsv", ".tsv.gz"))
+            delimiter = "\t" if tsv else max(CSV_DELIMITERS, key=first.count)
+            reader = csv.reader(_chain(first, text), delimiter=delimiter)
+            header = [name.strip() for name in next(reader)]
+            number = 1
+            duplicates = sorted({name for name in header if header.count(name) > 1})
+            if duplicates or not all(header):
+                problem = f"column '{duplicates[0]}' appears twice" if duplicates else "a column has no name"
+                raise DataError(f"{label}: row 1 (the header): {problem}; every column needs a unique name")
+            for number, cells in enumerate(reader, 2):
+                if not cells or (len(cells) == 1 and not cells[0].strip() and len(header) > 1):
+                    continue  # a blank line
+                if len(cells) != len(header):
+                    yield number, RowError(
+                        WHOLE_ROW, "bad_csv", f"{len(cells)} cells, but the header names {len(header)} columns"
+                    )
+                    continue
+                yield number, dict(zip(header, cells, strict=True))
+    except UnicodeDecodeError:
+        raise DataError(f"{label}: not UTF-8 text (after row {number}); re-save the file as UTF-8") from None
+    except csv.Error as err:
+        raise DataError(f"{label}: row {number + 1}: not valid CSV ({err})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{label}: not a valid gzip file ({err})") from None
+
+
+def _chain(first: str, rest: Iterable[str]) -> Iterator[str]:
+    yield first
+    yield from rest
 
 
 def _saved_dataset(path: Path, label: str, split: str | None) -> Rows:

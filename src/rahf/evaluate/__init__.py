@@ -3,7 +3,7 @@
     from rahf.evaluate import EvalConfig, run_eval, write_report
     report = run_eval(EvalConfig(model="runs/rahf/merged", baseline="smollm2",
                                  pairs=["dev.jsonl.gz"], prompts=["questions.jsonl"], out="eval/a"))
-    write_report("eval/a", report)  # report.json, report.md, PNG plots
+    write_report("eval/a", report)  # report.json, report.md, report.html, PNG plots
 
 Modules, in the order a report is built: ``preference`` (held-out preference accuracy, implicit
 reward), ``prompts`` + ``generation`` (cached, batched replies; MT-Bench turn by turn),

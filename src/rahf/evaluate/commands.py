@@ -7,6 +7,7 @@ no logic lives only here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -17,7 +18,8 @@ usage patterns:
   rahf eval --model A [--baseline B] [--reference R] [--pairs FILE ...] [--prompts FILE ...]
             [--reward-model RM] [--limit N] [--max-new-tokens N] --out DIR
       evaluate A (and B) and write DIR/report.json, DIR/report.md, DIR/*.png, and
-      DIR/generations.jsonl when prompts were given
+      DIR/generations.jsonl when prompts were given; DIR/report.html shows it all in a browser
+      (tables, plots, replies side by side with scores and flags, a filter box; works offline)
   rahf eval compare DIR1 DIR2 ... [--out DIR]
       one table (printed) and, with --out, compare.md/compare.json/compare.png
 
@@ -63,6 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--limit", type=int, metavar="N", help="first N prompts of the file")
     _add_generation_arguments(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per reply")
+    gen.add_argument("--steer", metavar="FILE", help="add a steering vector file (rahf scan / compose, or a"
+                     " llama.cpp control-vector .gguf) to the residual stream while generating")
+    gen.add_argument("--strength", type=float, help="with --steer: multiples of the vector as read (default: the file's)")
+    gen.add_argument("--layers", help="with --steer: hidden_states indices, e.g. 11,13,15 (default: the file's)")
     gen.set_defaults(func=cmd_generate)
 
     rm = subparsers.add_parser(
@@ -92,6 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("--max-length", type=int, default=512, help="tokens per (prompt, reply) input")
     rm.add_argument("--max-reply-tokens", type=int, default=256)
     rm.add_argument("--format", default="auto", help="data format (default: detect)")
+    rm.add_argument("--columns", metavar="KEY=COLUMN,...",
+                    help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad")
     rm.add_argument("--no-skip-invalid", dest="skip_invalid", action="store_false",
                     help="stop at the first invalid row instead of skipping it")
     rm.add_argument("--seed", type=int, default=0)
@@ -124,6 +132,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="first N valid pairs / prompts per file")
     parser.add_argument("--no-skip-invalid", dest="skip_invalid", action="store_false",
                         help="stop at the first invalid pair row (default: skip and count them)")
+    parser.add_argument("--columns", metavar="KEY=COLUMN,...",
+                        help="column names of the --pairs files, e.g. prompt=question,chosen=good,rejected=bad")
     parser.add_argument("--max-prompt-tokens", type=int, default=256, metavar="N")
     parser.add_argument("--max-reply-tokens", type=int, default=256, metavar="N", help="reply tokens scored per pair")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -144,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, baseline=args.baseline, reference=args.reference,
         pairs=args.pairs, prompts=args.prompts, harmful_prompts=args.harmful_prompts,
         reward_model=args.reward_model, limit=args.limit, skip_invalid=args.skip_invalid,
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        columns=args.columns, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         top_p=args.top_p, instruction=args.instruction, batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens, max_reply_tokens=args.max_reply_tokens,
         seed=args.seed, resamples=args.resamples, cache=args.cache, cache_dir=args.cache_dir,
@@ -178,12 +188,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not items:
         raise DataError("nothing to generate: give --prompt TEXT and/or --prompts FILE")
     model, tokenizer, info = load_for_eval(args.model, device=args.device)
-    turns = generate_turns(
-        model, tokenizer, items, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-        instruction=args.instruction, cache=GenerationCache(args.cache_dir) if args.cache else None,
-        model_id=info.fingerprint,
-    )
+    steer, model_id = contextlib.nullcontext(), info.fingerprint
+    if args.steer:
+        from rahf.steering.steer import steering_from_file
+
+        steer, model_id = steering_from_file(model, args.steer, strength=args.strength, layers=args.layers,
+                                             model_id=model_id)
+    with steer:
+        turns = generate_turns(
+            model, tokenizer, items, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+            instruction=args.instruction, cache=GenerationCache(args.cache_dir) if args.cache else None,
+            model_id=model_id,
+        )
     for t in turns:
         if args.json:
             print(json.dumps({"id": t.item_id, "turn": t.turn, "prompt": t.conversation[-1]["content"],
@@ -201,7 +218,7 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
 
     config = RewardModelConfig(
         data=args.data, out=args.out, model=args.model, method=args.method, data_format=args.format,
-        skip_invalid=args.skip_invalid, limit=args.limit, validation_fraction=args.val_fraction,
+        columns=args.columns, skip_invalid=args.skip_invalid, limit=args.limit, validation_fraction=args.val_fraction,
         epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, lora_layers=args.lora_layers,
         batch_size=args.batch_size, max_length=args.max_length,
         max_reply_tokens=args.max_reply_tokens, seed=args.seed,

@@ -1,7 +1,9 @@
-"""Evaluation reports: ``report.json`` (every number), ``report.md`` (tables), PNG plots.
+"""Evaluation reports: ``report.json`` (every number), ``report.md`` (tables), PNG plots, and
+``report.html`` (tables, plots and every generation side by side; ``html_report.py``).
 
-``report.json`` is the source of truth; the markdown and the plots are rebuilt from it, and
-``rahf eval compare`` reads only it. Layout (``SCHEMA_VERSION``)::
+``report.json`` is the source of truth; the markdown, the HTML and the plots are rebuilt from it
+(the HTML adds the replies of ``generations.jsonl``), and ``rahf eval compare`` reads only it.
+Layout (``SCHEMA_VERSION``)::
 
     settings      the EvalConfig, as given
     environment   python/torch/transformers/... versions, device, time
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,13 +58,21 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_report(out: str | Path, report: dict[str, Any], *, plots: bool = True) -> list[Path]:
-    """Write report.json, report.md and (optionally) the PNG plots atomically; return the paths.
+def write_report(
+    out: str | Path, report: dict[str, Any], *, plots: bool = True, generations: list[dict] | None = None
+) -> list[Path]:
+    """Write report.json, report.md, report.html and (optionally) the PNG plots atomically;
+    return the paths.
 
     The plot file names are recorded in ``report["plots"]`` (the dict is updated in place).
+    ``generations``: the reply records shown in report.html; default: ``out/generations.jsonl``
+    (written by ``run_eval``).
     """
+    from rahf.evaluate.html_report import REPORT_HTML, read_generations, to_html
+
     out = Path(out)
     written = []
+    images: dict[str, bytes] = {}
     if plots:
         from rahf.evaluate.plots import report_plots
 
@@ -70,9 +81,12 @@ def write_report(out: str | Path, report: dict[str, Any], *, plots: bool = True)
             atomic_write_bytes(out / name, png)
             report["plots"].append(name)
             written.append(out / name)
+            images[name] = png
     atomic_write_json(out / REPORT_JSON, report)
     atomic_write_text(out / REPORT_MD, to_markdown(report))
-    return [out / REPORT_JSON, out / REPORT_MD, *written]
+    records = read_generations(out) if generations is None else generations
+    atomic_write_text(out / REPORT_HTML, to_html(report, records, images))
+    return [out / REPORT_JSON, out / REPORT_MD, out / REPORT_HTML, *written]
 
 
 def read_report(folder: str | Path) -> dict[str, Any]:
@@ -119,78 +133,101 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    """The human-readable tables of a report."""
-    models = report.get("models", {})
-    parts = [f"# Evaluation of `{models.get('model', {}).get('spec', '?')}`", ""]
+@dataclass
+class Section:
+    """One part of a report as plain strings: the markdown and the HTML report render the same."""
+
+    title: str
+    notes: list[str] = field(default_factory=list)
+    tables: list[tuple[list[str], list[list[str]]]] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)  # lines under the tables
+
+
+def title(report: dict[str, Any]) -> str:
+    return f"Evaluation of `{report.get('models', {}).get('model', {}).get('spec', '?')}`"
+
+
+def sections(report: dict[str, Any]) -> list[Section]:
+    """The metric tables of a report, in reading order, then its provenance."""
+    out = []
     if report.get("preference"):
-        parts += [
-            "## Preference accuracy (held-out pairs, 95% bootstrap CI, %)", "",
-            "Share of pairs where the chosen reply has the higher mean token log-likelihood"
-            " (summed: total log-likelihood). Implicit reward (needs `--reference`):"
-            " (log p(y+) - log p_ref(y+)) - (log p(y-) - log p_ref(y-)), summed log-probs.", "",
-            table(
-                ["data", "model", "pairs", "accuracy (mean log-lik)", "accuracy (summed)",
-                 "implicit-reward accuracy", "mean margin (nats)"],
-                [[e["source"], e["model"], e["n"], fmt(e["accuracy"], percent=True),
-                  fmt(e["accuracy_summed"], percent=True), fmt(e["implicit_accuracy"], percent=True),
-                  fmt(e["margin"])] for e in report["preference"]],
-            ), "",
-        ]
+        out.append(Section(
+            "Preference accuracy (held-out pairs, 95% bootstrap CI, %)",
+            ["Share of pairs where the chosen reply has the higher mean token log-likelihood"
+             " (summed: total log-likelihood). Implicit reward (needs `--reference`):"
+             " (log p(y+) - log p_ref(y+)) - (log p(y-) - log p_ref(y-)), summed log-probs."],
+            [(["data", "model", "pairs", "accuracy (mean log-lik)", "accuracy (summed)",
+               "implicit-reward accuracy", "mean margin (nats)"],
+              [[e["source"], e["model"], e["n"], fmt(e["accuracy"], percent=True),
+                fmt(e["accuracy_summed"], percent=True), fmt(e["implicit_accuracy"], percent=True),
+                fmt(e["margin"])] for e in report["preference"]])],
+        ))
     if report.get("reward_model_accuracy"):
-        parts += [
-            "## Reward-model accuracy on the pairs (%)", "",
-            table(["data", "pairs", "RM accuracy", "longer reply wins"],
-                  [[e["source"], e["n"], fmt(e["accuracy"], percent=True),
-                    fmt(e["longer_wins_accuracy"], percent=True)] for e in report["reward_model_accuracy"]]),
-            "",
-        ]
+        out.append(Section(
+            "Reward-model accuracy on the pairs (%)", [],
+            [(["data", "pairs", "RM accuracy", "longer reply wins"],
+              [[e["source"], e["n"], fmt(e["accuracy"], percent=True),
+                fmt(e["longer_wins_accuracy"], percent=True)] for e in report["reward_model_accuracy"]])],
+        ))
     if report.get("generation"):
-        parts += [
-            "## Generation and behaviour", "",
-            "Refusal rate is measured on harmful-request prompts, over-refusal on benign ones"
-            " (keyword list in `rahf.evaluate.behaviour`).", "",
-            table(
-                ["prompts", "model", "replies", "mean reward", "tokens", "words", "hit limit",
-                 "4-gram repetition", "empty", "refusal (harmful)", "over-refusal (benign)", "offensive"],
-                [[e["source"], e["model"], e["n_replies"], fmt(e.get("mean_reward")),
-                  f"{b['mean_tokens']:.1f}", f"{b['mean_words']:.1f}", _rate(b["hit_limit_rate"]),
-                  _rate(b["repetition_rate"]), _rate(b["empty_rate"]), _rate(b["refusal_rate"]),
-                  _rate(b["over_refusal_rate"]), _rate(b["offensive_rate"])]
-                 for e in report["generation"] for b in [e["behaviour"]]],
-            ), "",
-        ]
+        out.append(Section(
+            "Generation and behaviour",
+            ["Refusal rate is measured on harmful-request prompts, over-refusal on benign ones"
+             " (keyword list in `rahf.evaluate.behaviour`)."],
+            [(["prompts", "model", "replies", "mean reward", "tokens", "words", "hit limit",
+               "4-gram repetition", "empty", "refusal (harmful)", "over-refusal (benign)", "offensive"],
+              [[e["source"], e["model"], e["n_replies"], fmt(e.get("mean_reward")),
+                f"{b['mean_tokens']:.1f}", f"{b['mean_words']:.1f}", _rate(b["hit_limit_rate"]),
+                _rate(b["repetition_rate"]), _rate(b["empty_rate"]), _rate(b["refusal_rate"]),
+                _rate(b["over_refusal_rate"]), _rate(b["offensive_rate"])]
+               for e in report["generation"] for b in [e["behaviour"]]])],
+        ))
     if report.get("comparisons"):
-        parts += [
-            "## Win rate of the model against the baseline (reward model judge, %)", "",
-            "Ties count 1/2. Length-controlled: logistic fit of the outcome on"
-            " tanh(length difference / sd), read at equal length (AlpacaEval-style).", "",
-            table(
-                ["prompts", "win rate", "length-controlled", "wins / ties / losses",
-                 "mean reward (model)", "mean reward (baseline)"],
-                [[e["source"], fmt(e["win_rate"], percent=True),
-                  fmt(e["length_controlled_win_rate"], percent=True),
-                  f"{e['wins']} / {e['ties']} / {e['losses']}", fmt(e["mean_score"]),
-                  fmt(e["baseline_mean_score"])] for e in report["comparisons"]],
-            ), "",
-        ]
-    parts += ["## Provenance", "",
-              table(["role", "spec", "path", "fingerprint"],
-                    [[role, m["spec"], m["path"], m["fingerprint"][:16]] for role, m in models.items()]),
-              ""]
+        out.append(Section(
+            "Win rate of the model against the baseline (reward model judge, %)",
+            ["Ties count 1/2. Length-controlled: logistic fit of the outcome on"
+             " tanh(length difference / sd), read at equal length (AlpacaEval-style)."],
+            [(["prompts", "win rate", "length-controlled", "wins / ties / losses",
+               "mean reward (model)", "mean reward (baseline)"],
+              [[e["source"], fmt(e["win_rate"], percent=True),
+                fmt(e["length_controlled_win_rate"], percent=True),
+                f"{e['wins']} / {e['ties']} / {e['losses']}", fmt(e["mean_score"]),
+                fmt(e["baseline_mean_score"])] for e in report["comparisons"]])],
+        ))
+    provenance = Section("Provenance", [], [(
+        ["role", "spec", "path", "fingerprint"],
+        [[role, m["spec"], m["path"], m["fingerprint"][:16]] for role, m in report.get("models", {}).items()],
+    )])
     if report.get("data"):
-        parts += [table(["data", "kind", "items", "invalid rows skipped", "sha256"],
-                        [[d["path"], d["kind"], d["n"], sum(d.get("invalid", {}).values()),
-                          (d.get("sha256") or "-")[:16]] for d in report["data"]]), ""]
+        provenance.tables.append((["data", "kind", "items", "invalid rows skipped", "sha256"],
+                                  [[d["path"], d["kind"], d["n"], sum(d.get("invalid", {}).values()),
+                                    (d.get("sha256") or "-")[:16]] for d in report["data"]]))
+    provenance.after = footer(report)
+    out.append(provenance)
+    return out
+
+
+def footer(report: dict[str, Any]) -> list[str]:
+    """Seed, device, versions and timing: the lines under the provenance tables."""
     env = report.get("environment", {})
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
     settings = report.get("settings", {})
-    parts += [
+    return [
         f"Seed {settings.get('seed')}, {settings.get('resamples')} bootstrap resamples,"
-        f" device {env.get('device')}, created {env.get('created')}.", "",
-        f"Versions: {versions}.", "",
-        "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timing", {}).items()), "",
+        f" device {env.get('device')}, created {env.get('created')}.",
+        f"Versions: {versions}.",
+        "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timing", {}).items()),
     ]
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The human-readable tables of a report."""
+    parts = [f"# {title(report)}", ""]
+    for section in sections(report):
+        parts += [f"## {section.title}", ""]
+        parts += [x for note in section.notes for x in (note, "")]
+        parts += [x for header, rows in section.tables for x in (table(header, rows), "")]
+        parts += [x for line in section.after for x in (line, "")]
     if report.get("plots"):
         parts += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
     return "\n".join(parts)

@@ -49,6 +49,9 @@ class RewardModelConfig:
     method: Method = field(default="lora", metadata={"help": "lora (+ score head) or head-only"})
     data_format: str = "auto"
     skip_invalid: bool = field(default=True, metadata={"help": "skip (and count) invalid rows"})
+    columns: str | dict[str, str] | None = field(
+        default=None, metadata={"help": "the data's column names: 'prompt=question,chosen=good,rejected=bad'"}
+    )
     limit: int | None = field(default=None, metadata={"help": "use the first N valid pairs"})
     validation_fraction: float = 0.1
     epochs: float = 1.0
@@ -156,7 +159,7 @@ def train_reward_model(config: RewardModelConfig) -> dict:
 
     started = time.time()
     loaded = load_preferences(config.data, format=config.data_format, skip_invalid=config.skip_invalid,
-                              limit=config.limit)
+                              limit=config.limit, columns=config.columns)
     train_pairs, val_pairs = split_pairs(loaded.pairs, validation_fraction=config.validation_fraction,
                                          seed=config.seed)
     if not train_pairs or not val_pairs:

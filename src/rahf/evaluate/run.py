@@ -23,6 +23,7 @@ import numpy as np
 
 from rahf.config import ConfigError
 from rahf.data import load_preferences
+from rahf.data.formats import parse_columns
 from rahf.evaluate.behaviour import behaviour_stats
 from rahf.evaluate.generation import GenerationCache, generate_turns
 from rahf.evaluate.loading import describe, load_for_eval
@@ -51,6 +52,9 @@ class EvalConfig:
     reward_model: str | None = field(default=None, metadata={"help": "sequence-classification RM"})
     limit: int | None = field(default=None, metadata={"help": "first N pairs / prompts per file"})
     skip_invalid: bool = field(default=True, metadata={"help": "skip and count invalid pair rows"})
+    columns: dict[str, str] | None = field(
+        default=None, metadata={"help": "pairs files' column names: 'prompt=question,chosen=good,rejected=bad'"}
+    )
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float = 1.0
@@ -83,6 +87,7 @@ class EvalConfig:
             raise ConfigError("sampling needs temperature > 0 and 0 < top_p <= 1")
         if self.resamples < 0:
             raise ConfigError(f"resamples must be >= 0, got {self.resamples}")
+        self.columns = parse_columns(self.columns) or None  # bad syntax fails before models load
 
 
 def source_name(path: str) -> str:
@@ -135,7 +140,7 @@ def _preference_stage(config: EvalConfig, models: _Models, report: dict[str, Any
     boot = {"resamples": config.resamples, "seed": config.seed}
     windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": config.max_reply_tokens}
     for path in config.pairs:
-        data = load_preferences(path, skip_invalid=config.skip_invalid, limit=config.limit)
+        data = load_preferences(path, skip_invalid=config.skip_invalid, limit=config.limit, columns=config.columns)
         source = source_name(path)
         report["data"].append(_data_entry(path, "pairs", len(data.pairs), format=data.format, invalid=data.invalid))
         reference_scores = None
@@ -205,6 +210,7 @@ def _generation_stage(config: EvalConfig, models: _Models, report: dict[str, Any
                 {"source": source, "model": role, "id": t.item_id, "turn": t.turn,
                  "prompt": t.conversation[-1]["content"], "reply": t.result.text,
                  "tokens": t.result.tokens, "hit_limit": t.result.hit_limit,
+                 "harmful": prompt_set.items[t.item_index].harmful,
                  "reward": entry["rewards"][k] if entry["rewards"] else None}
                 for k, t in enumerate(turns)
             ]
@@ -246,5 +252,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if records:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         atomic_write_text(Path(config.out) / "generations.jsonl", lines)
+    else:  # an older run's replies must not pass for this one's (report.html reads the file)
+        Path(config.out, "generations.jsonl").unlink(missing_ok=True)
     timing["total"] = time.time() - started
     return report

@@ -3,6 +3,9 @@
 
 By default both are LoRA adapters on the one frozen base (``dual_storage: adapters``);
 ``full-copies`` also writes each merged into a full copy, the reference code's layout.
+``step1.objective: preference`` trains each side with DPO instead (:mod:`rahf.preference.objectives`).
+With ``patterns.align_target: preferred`` the preferred side is also written merged: step 3
+aligns M+ itself (:func:`load_preferred_target`).
 """
 
 from __future__ import annotations
@@ -67,8 +70,15 @@ def train_side(
     tokenizer,
     side: Side,
     out: Path,
-) -> list[dict]:
-    """Fine-tune one side and save it under ``out``; returns the training log."""
+) -> dict:
+    """Fine-tune one side and save it under ``out``; returns ``{"log": records, "steps": n}``."""
+    merged = config.step1.dual_storage == "full-copies" or (
+        side == "preferred" and config.patterns.align_target == "preferred"
+    )
+    if config.step1.objective == "preference":
+        from rahf.preference.objectives import train_side_preference
+
+        return train_side_preference(config, pairs, tokenizer, side, out, merged=merged)
     model = load_model(config.model, dtype=config.dtype, device=config.device)
     if not config.step1.full_finetune:
         model = add_lora(model, config.step1.lora)
@@ -82,6 +92,29 @@ def train_side(
     )
     trainer.stage = f"step1 ({side})"
     train_resumably(trainer)
-    merged = config.step1.dual_storage == "full-copies"
     save_trained(model, out, merged=merged or config.step1.full_finetune, tokenizer=tokenizer)
-    return log.records
+    return {"log": log.records, "steps": trainer.state.global_step}
+
+
+def load_preferred_target(config: AlignConfig, base_path: str, step1: dict[str, str], layers: Sequence[int]):
+    """``patterns.align_target: preferred``: the model step 3 trains is M+ (``base_path``, the
+    merged preferred side) with a fresh adapter, as in the reference code.
+
+    Frozen states: M+ itself is the aligned model with its new adapter disabled (A_o, fed I+ as
+    system prompt, and A_+); M- is a separate frozen copy (its merged weights, or the base with
+    its adapter merged in). Returns ``(model, FrozenModels)`` like ``rahf.fitting.load_fit_model``.
+    """
+    from peft import PeftModel
+
+    from rahf.patterns import FrozenModels
+
+    model = add_lora(load_model(base_path, dtype=config.dtype, device=config.device), config.fit.lora,
+                     blocks=range(max(layers)))
+    folder = Path(step1["dispreferred"])
+    if (folder / "merged").is_dir():
+        minus = load_model(str(folder / "merged"), dtype=config.dtype, device=config.device)
+    else:
+        base = load_model(config.model, dtype=config.dtype, device=config.device)
+        minus = PeftModel.from_pretrained(base, str(folder / "adapter")).merge_and_unload()
+    minus.eval().requires_grad_(False)
+    return model, FrozenModels(model, {"dispreferred": minus})

@@ -86,9 +86,9 @@ class SCITTrainer(GuardedTrainer):
         return scit_loss(matching, swapped, self.label_smoothing)
 
 
-def train_scit(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> list[dict]:
+def train_scit(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> dict:
     """Train M_s and save it under ``out``: the adapter (LoRA) and always the merged weights,
-    which step 3 puts its own adapter on."""
+    which step 3 puts its own adapter on. Returns ``{"log": records, "steps": n}``."""
     model = load_model(config.model, dtype=config.dtype, device=config.device)
     if not config.step1.full_finetune:
         model = add_lora(model, config.step1.lora)
@@ -104,4 +104,4 @@ def train_scit(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, 
     trainer.label_smoothing = config.step1.label_smoothing
     train_resumably(trainer)
     save_trained(model, out, merged=True, tokenizer=tokenizer)
-    return log.records
+    return {"log": log.records, "steps": trainer.state.global_step}
