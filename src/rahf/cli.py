@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if "torch.distributed" in sys.modules:  # never import torch just to say goodbye
+            from rahf.io import leave_process_group
+
+            leave_process_group()
     return int(result or 0)
 
 

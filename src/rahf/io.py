@@ -39,6 +39,15 @@ def join_process_group() -> None:
         PartialState()
 
 
+def leave_process_group() -> None:
+    """Destroy the process group before exit: a gloo group left to interpreter shutdown can abort
+    the process ("terminate called without an active exception") after an error on every rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wait_for_everyone() -> None:
     import torch.distributed as dist
 
