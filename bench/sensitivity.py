@@ -87,11 +87,16 @@ def band(name: str, num_layers: int) -> tuple[int, ...]:
     return tuple(range(lo + 1, hi + 1, 2))
 
 
-def points(alphas: Sequence[float], bands: Sequence[str], num_layers: int) -> list[Point]:
-    """Default band at alpha 5 first (the full run every other point reuses), then the sweeps."""
+def points(alphas: Sequence[float], bands: Sequence[str], num_layers: int, scan: Path | None = None) -> list[Point]:
+    """Default band at alpha 5 first (the full run every other point reuses), then the sweeps;
+    with ``scan``, the band a ``rahf scan`` recommends is one more band point."""
+    from rahf.config import scan_layers
+
     out = [Point("alpha-5", DEFAULT_ALPHA, None, "alpha")]
     out += [Point(f"alpha-{a:g}", a, None, "alpha") for a in alphas if a != DEFAULT_ALPHA]
     out += [Point(f"band-{b}", DEFAULT_ALPHA, band(b, num_layers), "band") for b in bands]
+    if scan is not None:
+        out.append(Point("band-scan", DEFAULT_ALPHA, tuple(scan_layers(str(scan))), "band"))
     return out
 
 
@@ -121,8 +126,9 @@ def overrides(variant: str, budget: Budget, data: Path, run_dir: Path, point: Po
     sized = [f"{stage}.train.{key}" for stage, steps in (("step1", budget.step1_steps), ("fit", budget.fit_steps))
              for key in (f"max_steps={steps}", f"batch_size={budget.batch_size}")]
     layers = [f"patterns.target_layers=[{','.join(map(str, point.layers))}]"] if point.layers else []
+    # Readiness off: every point shares one step 1, and its check is not what this sweep measures.
     return [*demo_overrides(variant, True), f"data={data}", "validation_fraction=0", f"max_pairs={budget.train_pairs}",
-            f"run_dir={run_dir}", *sized, f"patterns.alpha={point.alpha}", *layers]
+            f"run_dir={run_dir}", *sized, f"patterns.alpha={point.alpha}", *layers, "step1.readiness_pairs=0"]
 
 
 def link_shared(first: Path, run_dir: Path, stages: Sequence[str]) -> None:
@@ -143,7 +149,7 @@ def run_sweep(args: argparse.Namespace, budget: Budget, out: Path) -> tuple[dict
 
     data = prepare_data(args.data_dir, budget, out / f"data-{digest(asdict(budget))}")
     num_layers = model_config("smollm2").num_hidden_layers
-    sweep = points(args.alphas, args.bands, num_layers)
+    sweep = points(args.alphas, args.bands, num_layers, args.scan)
     root = out / f"{args.variant}-{digest({'budget': asdict(budget), 'origin': data['origin']})}"
     windows: dict[str, int] = {}
     results: dict[str, dict] = {}
@@ -326,6 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alphas", type=float, nargs="+", default=ALPHAS, help="alphas at the default layers")
     p.add_argument("--bands", nargs="+", choices=BAND_NAMES, default=list(BAND_NAMES),
                    help=f"thirds of the depth, at alpha {DEFAULT_ALPHA:g}")
+    p.add_argument("--scan", type=Path, help="a `rahf scan` scan.json: its recommended band is one more band point")
     p.add_argument("--train-pairs", type=int, default=d.train_pairs, help="half per source")
     p.add_argument("--step1-steps", type=int, default=d.step1_steps, help="step-1 optimizer steps (once)")
     p.add_argument("--fit-steps", type=int, default=d.fit_steps, help="fit optimizer steps per point")

@@ -121,3 +121,16 @@ def test_step1_trains_on_its_half_and_the_fit_on_the_other(aligned_run):
     assert (data["step1"], data["patterns"]) == (len(step1), len(patterns))
     card = (aligned_run / "final" / "README.md").read_text()
     assert f"{len(step1)} train step 1, the other {len(patterns)} feed steps 2-3" in card
+
+
+def test_no_validation_split_reads_back_as_no_pairs(tiny_assets, tmp_path):
+    """validation_fraction=0 writes an empty validation file; the halves and readiness read it."""
+    from rahf.config import load_config
+    from rahf.pipeline import prepare_data, read_pairs
+
+    model, data = tiny_assets
+    config = load_config(None, tiny_settings(model, data, tmp_path / "run", "validation_fraction=0"))
+    stats = prepare_data(config, tmp_path)
+    assert stats["validation"] == 0
+    assert read_pairs(tmp_path / "validation.jsonl") == []
+    assert len(read_pairs(tmp_path / "train.jsonl")) == stats["train"] > 0

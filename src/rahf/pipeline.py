@@ -176,6 +176,8 @@ def _save_pairs(path: Path, pairs: list[PreferencePair]) -> None:
 def read_pairs(path: Path) -> list[PreferencePair]:
     pairs = []
     for line in path.read_text().splitlines():
+        if not line.strip():  # an empty split (validation_fraction=0) is written as one blank line
+            continue
         row = json.loads(line)
         pairs.append(PreferencePair(tuple(row["prompt"]), row["chosen"], row["rejected"], row["origin"]))
     return pairs
