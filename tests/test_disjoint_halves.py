@@ -134,3 +134,20 @@ def test_no_validation_split_reads_back_as_no_pairs(tiny_assets, tmp_path):
     assert stats["validation"] == 0
     assert read_pairs(tmp_path / "validation.jsonl") == []
     assert len(read_pairs(tmp_path / "train.jsonl")) == stats["train"] > 0
+
+
+def test_baselines_data_stage_cuts_no_halves(tiny_assets, tmp_path):
+    """Baselines train on all of train.jsonl: no halves written, and a share that would leave a
+    half empty (which stops `rahf align`) does not stop them."""
+    from rahf.config import load_config
+    from rahf.pipeline import prepare_data
+
+    model, data = tiny_assets
+    config = load_config(None, tiny_settings(model, data, tmp_path / "run", "patterns.disjoint_share=0.999"))
+    for name in ("align", "baseline"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(DataError, match="disjoint_share"):
+        prepare_data(config, tmp_path / "align")
+    stats = prepare_data(config, tmp_path / "baseline", rahf_halves=False)
+    assert sorted(p.name for p in (tmp_path / "baseline").iterdir()) == ["train.jsonl", "validation.jsonl"]
+    assert "step1" not in stats and stats["train"] > 0

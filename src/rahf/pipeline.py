@@ -183,7 +183,9 @@ def read_pairs(path: Path) -> list[PreferencePair]:
     return pairs
 
 
-def prepare_data(config: AlignConfig, folder: Path) -> dict:
+def prepare_data(config: AlignConfig, folder: Path, *, rahf_halves: bool = True) -> dict:
+    """Train / validation files; for RAHF (``rahf_halves``) also the step-1 and pattern halves,
+    which baselines, training on all of ``train.jsonl``, neither need nor should fail on."""
     loaded = load_preferences(
         config.data, format=config.data_format, skip_invalid=config.skip_invalid, split=config.data_split,
         columns=config.data_columns,
@@ -196,7 +198,7 @@ def prepare_data(config: AlignConfig, folder: Path) -> dict:
     _save_pairs(folder / "train.jsonl", train)
     _save_pairs(folder / "validation.jsonl", validation)
     stats = {"train": len(train), "validation": len(validation), "format": loaded.format, "invalid": loaded.invalid}
-    if config.patterns.disjoint_share > 0:  # share 0: train.jsonl feeds every step, as before
+    if rahf_halves and config.patterns.disjoint_share > 0:  # share 0: train.jsonl feeds every step
         step1, patterns = halves(config, train)
         _save_pairs(folder / "step1.jsonl", step1)
         _save_pairs(folder / "patterns.jsonl", patterns)

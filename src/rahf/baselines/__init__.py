@@ -65,7 +65,7 @@ def _run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwr
     base = resolve_model_path(config.model)
     log: dict[str, list] = {}
 
-    data_stats = run_stage(run, "data", lambda out: prepare_data(config, out), log=log)
+    data_stats = run_stage(run, "data", lambda out: prepare_data(config, out, rahf_halves=False), log=log)
     train = read_pairs(run.stage("data") / "train.jsonl")
     run_stage(run, method, lambda out: {"log": stage(config, train, tokenizer, out)}, log=log)
 

@@ -98,10 +98,13 @@ def step1_with_readiness(
             steps.append(int(result.get("steps", 0)))
         return min(steps)
 
-    held, source = held_out_pairs(patterns, read_pairs(run.stage("data") / "validation.jsonl"), config)
-    if config.step1.readiness_pairs == 0 or not held:
+    if config.step1.readiness_pairs == 0:
         train_to(None)
-        if config.step1.readiness_pairs and is_main_process():
+        return []
+    held, source = held_out_pairs(patterns, read_pairs(run.stage("data") / "validation.jsonl"), config)
+    if not held:
+        train_to(None)
+        if is_main_process():
             print("rahf: step-1 readiness skipped: no held-out pairs (set validation_fraction or patterns.disjoint_share > 0)")
         return []
 
