@@ -91,8 +91,8 @@ def test_html_has_tables_cards_images_and_nothing_external():
     tables = tree.find("table", "metrics")
     headers = [[th.text() for th in t.find("th")] for t in tables]
     cells = {td.text() for t in tables for td in t.find("td")}
-    assert ["data", "model", "pairs", "accuracy (mean log-lik)", "accuracy (summed)",
-            "implicit-reward accuracy", "mean margin (nats)"] in headers
+    assert ["data", "model", "pairs", "accuracy (mean log-lik)", "accuracy (summed)", "mean-token margin (nats)",
+            "margin - baseline (paired)", "implicit-reward accuracy", "implicit margin (nats)"] in headers
     assert {"60.0 [50.0, 70.0]", "2 / 0 / 1", "base-model"} <= cells  # the numbers report.md shows
 
     images = tree.find("img")

@@ -112,7 +112,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
     parser.add_argument("--top-p", type=float, default=1.0, help="with --sample")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--instruction", help="system prompt placed before every prompt")
+    parser.add_argument("--instruction", help="system prompt placed before every prompt (rahf eval: for the"
+                        " evaluated model only, when scoring pairs and generating)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-cache", dest="cache", action="store_false",
                         help="always generate (default: reuse replies cached on disk)")
@@ -141,6 +142,10 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, no tables")
     parser.add_argument("--out", metavar="DIR", help="report folder (required unless `compare`)")
+    parser.add_argument("--steer", metavar="FILE", help="steer the evaluated model (not --baseline) with this vector"
+                        " file while scoring and generating: the inference-time steering baseline")
+    parser.add_argument("--strength", type=float, help="with --steer: multiples of the vector (default: the file's)")
+    parser.add_argument("--layers", help="with --steer: hidden_states indices, e.g. 11,13,15 (default: the file's)")
     _add_generation_arguments(parser)
 
 
@@ -158,6 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         top_p=args.top_p, instruction=args.instruction, batch_size=args.batch_size,
         max_prompt_tokens=args.max_prompt_tokens, max_reply_tokens=args.max_reply_tokens,
         seed=args.seed, resamples=args.resamples, cache=args.cache, cache_dir=args.cache_dir,
+        steer=args.steer, steer_strength=args.strength, steer_layers=args.layers,
         device=args.device, dtype=args.dtype, progress=not args.quiet,
     )
     report = run_eval(config)

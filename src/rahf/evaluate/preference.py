@@ -35,12 +35,17 @@ class PreferenceResult:
     accuracy_summed: Estimate
     implicit_accuracy: Estimate | None = None
     margin: Estimate | None = None
+    # per pair, l(y+) - l(y-) of mean-token log-likelihoods (nats): moves before accuracy does,
+    # and compares two models pair by pair (``margin_vs_baseline`` in ``rahf eval``)
+    pair_margins: np.ndarray | None = None
+    mean_token_margin: Estimate | None = None
 
     def to_dict(self) -> dict:
         out: dict = {"n": self.n}
-        for name in ("accuracy", "accuracy_summed", "implicit_accuracy", "margin"):
+        for name in ("accuracy", "accuracy_summed", "implicit_accuracy", "margin", "mean_token_margin"):
             value = getattr(self, name)
             out[name] = value.to_dict() if value is not None else None
+        out["pair_margins"] = None if self.pair_margins is None else [round(float(m), 6) for m in self.pair_margins]
         return out
 
 
@@ -59,10 +64,13 @@ def accuracy_from_scores(
     """Turn per-pair log-likelihoods into accuracies, the margin and their intervals."""
     mean_wins = (scores.chosen_mean > scores.rejected_mean).float().numpy()
     sum_wins = (scores.chosen_sum > scores.rejected_sum).float().numpy()
+    pair_margins = (scores.chosen_mean - scores.rejected_mean).double().numpy()
     result = PreferenceResult(
         n=len(mean_wins),
         accuracy=bootstrap(mean_wins, resamples=resamples, seed=seed),
         accuracy_summed=bootstrap(sum_wins, resamples=resamples, seed=seed),
+        pair_margins=pair_margins,
+        mean_token_margin=bootstrap(pair_margins, resamples=resamples, seed=seed),
     )
     if reference is not None:
         chosen, rejected = implicit_rewards(scores, reference)
@@ -82,6 +90,7 @@ def preference_accuracy(
     reference: torch.nn.Module | None = None,
     reference_tokenizer=None,
     reference_scores: PairScores | None = None,
+    instruction: str | None = None,
     batch_size: int = 8,
     max_prompt_tokens: int = 256,
     max_reply_tokens: int = 256,
@@ -94,13 +103,15 @@ def preference_accuracy(
 
     Pass ``reference_scores`` (from ``rahf.scoring.score_pairs``) instead of ``reference`` to
     score the reference once for several models. Replies longer than ``max_reply_tokens`` are
-    scored on their first tokens only.
+    scored on their first tokens only. ``instruction`` is a system prompt for ``model`` only
+    (the reference is scored without it).
     """
     if not pairs:
         raise ValueError("no pairs to score")
     windows = {"max_prompt_tokens": max_prompt_tokens, "max_reply_tokens": max_reply_tokens}
     scores = score_pairs(
-        model, tokenizer, pairs, batch_size=batch_size, progress=progress, desc=desc, **windows
+        model, tokenizer, pairs, instruction=instruction, batch_size=batch_size, progress=progress, desc=desc,
+        **windows,
     )
     ref_scores = reference_scores
     if reference is not None and ref_scores is None:

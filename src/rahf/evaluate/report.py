@@ -9,7 +9,8 @@ Layout (``SCHEMA_VERSION``)::
     environment   python/torch/transformers/... versions, device, time
     models        role ("model", "baseline", "reference", "reward_model") -> spec, path, fingerprint
     data          one entry per file: path, sha256, format, n, invalid-row counts
-    preference    per (pairs file, role): n, accuracy, accuracy_summed, implicit_accuracy, margin
+    preference    per (pairs file, role): n, accuracy, accuracy_summed, implicit_accuracy, margin,
+                  mean_token_margin, pair_margins (per pair), margin_vs_baseline (model's entry)
     reward_model_accuracy  per pairs file: the RM's accuracy and "longer wins" on those pairs
     generation    per (prompt file, role): behaviour metrics, mean reward, per-reply rewards/lengths
     comparisons   per prompt file: model vs baseline win rate, LC win rate, mean rewards, W/T/L
@@ -154,12 +155,16 @@ def sections(report: dict[str, Any]) -> list[Section]:
         out.append(Section(
             "Preference accuracy (held-out pairs, 95% bootstrap CI, %)",
             ["Share of pairs where the chosen reply has the higher mean token log-likelihood"
-             " (summed: total log-likelihood). Implicit reward (needs `--reference`):"
+             " (summed: total log-likelihood). Mean-token margin: mean over pairs of l(y+) - l(y-), mean-token"
+             " log-likelihoods; against `--baseline`, the same pairs' margin change, model minus baseline."
+             " Implicit reward (needs `--reference`):"
              " (log p(y+) - log p_ref(y+)) - (log p(y-) - log p_ref(y-)), summed log-probs."],
             [(["data", "model", "pairs", "accuracy (mean log-lik)", "accuracy (summed)",
-               "implicit-reward accuracy", "mean margin (nats)"],
+               "mean-token margin (nats)", "margin - baseline (paired)",
+               "implicit-reward accuracy", "implicit margin (nats)"],
               [[e["source"], e["model"], e["n"], fmt(e["accuracy"], percent=True),
-                fmt(e["accuracy_summed"], percent=True), fmt(e["implicit_accuracy"], percent=True),
+                fmt(e["accuracy_summed"], percent=True), fmt(e.get("mean_token_margin")),
+                fmt(e.get("margin_vs_baseline")), fmt(e["implicit_accuracy"], percent=True),
                 fmt(e["margin"])] for e in report["preference"]])],
         ))
     if report.get("reward_model_accuracy"):

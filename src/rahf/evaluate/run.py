@@ -12,9 +12,12 @@ the model-vs-baseline win rates. ``limit`` caps pairs / prompts per file (the fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,7 +62,21 @@ class EvalConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    instruction: str | None = field(default=None, metadata={"help": "system prompt for generation"})
+    instruction: str | None = field(
+        default=None, metadata={"help": "system prompt given to the evaluated model (not the baseline) when scoring"
+                                        " pairs and generating: the prompting baseline"}
+    )
+    steer: str | None = field(
+        default=None, metadata={"help": "steering vector file (rahf scan / compose, or a llama.cpp control-vector"
+                                        " .gguf) added to the evaluated model (not the baseline) while scoring and"
+                                        " generating"}
+    )
+    steer_strength: float | None = field(
+        default=None, metadata={"help": "with steer: multiples of the vector as read (default: the file's)"}
+    )
+    steer_layers: str | None = field(
+        default=None, metadata={"help": "with steer: hidden_states indices, e.g. '11,13,15' (default: the file's)"}
+    )
     batch_size: int = 8
     max_prompt_tokens: int = 256
     max_reply_tokens: int = field(default=256, metadata={"help": "reply tokens scored per pair"})
@@ -88,6 +105,14 @@ class EvalConfig:
         if self.resamples < 0:
             raise ConfigError(f"resamples must be >= 0, got {self.resamples}")
         self.columns = parse_columns(self.columns) or None  # bad syntax fails before models load
+        if (self.steer_strength is not None or self.steer_layers) and not self.steer:
+            raise ConfigError("--strength / --layers steer a model: give --steer FILE too")
+
+    def treatment(self, role: str) -> dict[str, Any]:
+        """What the evaluated model gets on top of its weights (the baseline gets nothing)."""
+        if role != "model":
+            return {"instruction": None, "steer": None}
+        return {"instruction": self.instruction, "steer": self.steer}
 
 
 def source_name(path: str) -> str:
@@ -116,6 +141,11 @@ class _Models:
     evaluated: dict[str, tuple[Any, Any, Any]]  # "model" and optionally "baseline"
     reference: tuple[Any, Any, Any] | None
     reward_model: Any | None
+    # role -> (a fresh steering context per call, generation-cache identity); the model's only
+    steering: dict[str, tuple[Callable[[], AbstractContextManager], str]] = field(default_factory=dict)
+
+    def steered(self, role: str) -> AbstractContextManager:
+        return self.steering[role][0]() if role in self.steering else contextlib.nullcontext()
 
 
 def _load_models(config: EvalConfig, report: dict[str, Any]) -> _Models:
@@ -132,7 +162,22 @@ def _load_models(config: EvalConfig, report: dict[str, Any]) -> _Models:
     if config.reward_model:
         rm = load_reward_model(config.reward_model, device=config.device)
         report["models"]["reward_model"] = describe(rm.path).to_dict() | {"spec": config.reward_model}
-    return _Models(evaluated, reference, rm)
+    models = _Models(evaluated, reference, rm)
+    if config.steer:
+        from rahf.steering.steer import steering_from_file
+
+        model, _, info = evaluated["model"]
+
+        def context() -> AbstractContextManager:
+            return steering_from_file(model, config.steer, strength=config.steer_strength,
+                                      layers=config.steer_layers, model_id=info.fingerprint)[0]
+
+        identity = steering_from_file(model, config.steer, strength=config.steer_strength,
+                                      layers=config.steer_layers, model_id=info.fingerprint)[1]
+        models.steering["model"] = (context, identity)  # bad file / layers fail here, before any scoring
+        report["models"]["model"]["steer"] = {"file": config.steer, "strength": config.steer_strength,
+                                              "layers": config.steer_layers}
+    return models
 
 
 def _preference_stage(config: EvalConfig, models: _Models, report: dict[str, Any]) -> None:
@@ -149,13 +194,20 @@ def _preference_stage(config: EvalConfig, models: _Models, report: dict[str, Any
                 models.reference[0], models.reference[1], data.pairs, batch_size=config.batch_size,
                 progress=config.progress, desc=f"reference on {source}", **windows,
             )
+        margins = {}
         for role, (model, tokenizer, _) in models.evaluated.items():
-            result = preference_accuracy(
-                model, tokenizer, data.pairs, reference_scores=reference_scores,
-                batch_size=config.batch_size, progress=config.progress,
-                desc=f"{role} on {source}", **windows, **boot,
-            )
+            with models.steered(role):
+                result = preference_accuracy(
+                    model, tokenizer, data.pairs, reference_scores=reference_scores,
+                    instruction=config.treatment(role)["instruction"],
+                    batch_size=config.batch_size, progress=config.progress,
+                    desc=f"{role} on {source}", **windows, **boot,
+                )
+            margins[role] = result.pair_margins
             report["preference"].append({"source": source, "model": role, **result.to_dict()})
+        if "baseline" in margins:  # the same pairs under both models: pair-to-pair spread cancels
+            delta = bootstrap(margins["model"] - margins["baseline"], **boot)
+            report["preference"][-2]["margin_vs_baseline"] = delta.to_dict()
         if models.reward_model is not None:
             accuracy = pairwise_accuracy(models.reward_model, data.pairs, progress=config.progress, **boot)
             report["reward_model_accuracy"].append({"source": source, **accuracy})
@@ -177,13 +229,15 @@ def _generation_stage(config: EvalConfig, models: _Models, report: dict[str, Any
                                           len(prompt_set.items), format=prompt_set.format))
         by_role = {}
         for role, (model, tokenizer, info) in models.evaluated.items():
-            turns = generate_turns(
-                model, tokenizer, prompt_set.items,
-                max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
-                temperature=config.temperature, top_p=config.top_p, seed=config.seed,
-                batch_size=config.batch_size, instruction=config.instruction, cache=cache,
-                model_id=info.fingerprint, progress=config.progress,
-            )
+            model_id = models.steering[role][1] if role in models.steering else info.fingerprint
+            with models.steered(role):
+                turns = generate_turns(
+                    model, tokenizer, prompt_set.items,
+                    max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                    temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                    batch_size=config.batch_size, instruction=config.treatment(role)["instruction"], cache=cache,
+                    model_id=model_id, progress=config.progress,
+                )
             texts = [t.result.text for t in turns]
             entry: dict[str, Any] = {
                 "source": source,
