@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from quality import OUT, SOURCES, Budget, digest, score, source_margin_deltas
+from benchlib import SOURCES, V1_OUT, V1_WINDOWS, digest, score, source_margin_deltas
 
 from rahf.data import load_preferences
 
@@ -29,7 +29,7 @@ def _cell(estimate: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=OUT, help="the quality bench's cache folder")
+    parser.add_argument("--out", type=Path, default=V1_OUT, help="the quality bench's (v1) cache folder")
     parser.add_argument("--run", type=Path, action="append", default=[],
                         help="a Dual run folder of the bench (e.g. one made with --set); replaces --seeds")
     args = parser.parse_args(argv)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = data.parent
     budget = json.loads((data / "manifest.json").read_text())
-    windows = {"max_prompt_tokens": Budget.max_prompt_tokens, "max_reply_tokens": Budget.max_reply_tokens}
+    windows = dict(V1_WINDOWS)
     base = json.loads((data / "base" / f"scores-{digest(windows)}.json").read_text())
     val = {s: load_preferences(str(data / f"val_{s}.jsonl")).pairs for s in SOURCES}
     print(f"data {data.name}: {budget['counts']}")

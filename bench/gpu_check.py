@@ -71,12 +71,12 @@ def align_once(model: str, work: Path, method: str, targets: str, device: str, l
 def check_fit_tensors(model: str, work: Path, device: str, layers: list[int], dtype: torch.dtype) -> dict:
     """Where the fit stage's tensors live, and one loss, through the same functions align uses."""
     from rahf.config import load_config
-    from rahf.fitting import FitCollator, FitTrainer, load_fit_model
+    from rahf.hidden_states import reply_hidden_states
+    from rahf.method.fit import FitCollator, FitTrainer, load_fit_model
+    from rahf.method.patterns import fit_examples, pattern_source
     from rahf.models import load_tokenizer
-    from rahf.patterns import fit_examples, pattern_passes
-    from rahf.pipeline import read_pairs
-    from rahf.plumbing import reply_hidden_states
-    from rahf.training import cpu_has_native_bf16, training_arguments
+    from rahf.runs import read_pairs
+    from rahf.trainer import cpu_has_native_bf16, training_arguments
 
     config = load_config(None, [f"model={model}", "method=dual", f"device={device}", "report_to=[none]",
                                 f"patterns.target_layers={layers}", f"fit.train.batch_size={BATCH}"])
@@ -87,7 +87,7 @@ def check_fit_tensors(model: str, work: Path, device: str, layers: list[int], dt
     examples = fit_examples(read_pairs(run / "data" / "train.jsonl"), tokenizer, config)
     args = training_arguments(config, config.fit.train, work / "check", stage="fit")
     trainer = FitTrainer(model=fitted, args=args, train_dataset=examples, data_collator=FitCollator(tokenizer.pad_token_id))
-    trainer.setup_fit(layers=layers, alpha=5.0, passes=pattern_passes(config), frozen=frozen, pad_id=tokenizer.pad_token_id,
+    trainer.setup_fit(layers=layers, alpha=5.0, source=pattern_source(config), frozen=frozen, pad_id=tokenizer.pad_token_id,
                       truncate=True, batch_frozen=True, kl_weight=0.0, group_by_length=True)
     batch = FitCollator(tokenizer.pad_token_id)(examples[:BATCH])
     batch = {role: {k: v.to(device) for k, v in b.items()} for role, b in batch.items()}
@@ -140,11 +140,11 @@ def fit_throughput(model: str, work: Path, device: str, layers: list[int], steps
     2..N (the first step pays for kernel selection and allocator warm-up)."""
     from rahf.config import load_config
     from rahf.data import load_preferences
-    from rahf.fitting import FitCollator, FitTrainer, compute_cache, load_fit_model
+    from rahf.method.fit import FitCollator, FitTrainer, compute_cache, load_fit_model
+    from rahf.method.patterns import fit_examples, pattern_source
+    from rahf.method.targets import TargetCache
     from rahf.models import load_tokenizer
-    from rahf.patterns import fit_examples, pattern_passes
-    from rahf.target_cache import TargetCache
-    from rahf.training import training_arguments
+    from rahf.trainer import training_arguments
 
     config = load_config(None, [f"model={model}", "method=dual", f"device={device}", "report_to=[none]",
                                 f"patterns.target_layers={layers}", f"fit.train.batch_size={BATCH}",
@@ -159,7 +159,7 @@ def fit_throughput(model: str, work: Path, device: str, layers: list[int], steps
     clock = StepClock(device)
     trainer = FitTrainer(model=fitted, args=args, train_dataset=examples,
                          data_collator=FitCollator(tokenizer.pad_token_id), callbacks=[clock])
-    trainer.setup_fit(layers=layers, alpha=5.0, passes=pattern_passes(config), frozen=frozen, pad_id=tokenizer.pad_token_id,
+    trainer.setup_fit(layers=layers, alpha=5.0, source=pattern_source(config), frozen=frozen, pad_id=tokenizer.pad_token_id,
                       truncate=True, batch_frozen=True, kl_weight=0.0, group_by_length=True)
     cache_seconds = None
     if targets == "cached":

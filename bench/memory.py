@@ -102,21 +102,21 @@ def worker(argv: list[str], out: Path, process_hwm_kb: list[int]) -> int:
     """Run the rahf CLI in this process with the recorder on the fit stage's Trainer."""
     import torch
 
-    if os.environ.get("RAHF_BENCH_FITTING"):  # a control run: another version of rahf/fitting.py
+    if os.environ.get("RAHF_BENCH_FITTING"):  # a control run: another version of rahf/method/fit.py
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("rahf.fitting", os.environ["RAHF_BENCH_FITTING"])
+        spec = importlib.util.spec_from_file_location("rahf.method.fit", os.environ["RAHF_BENCH_FITTING"])
         module = importlib.util.module_from_spec(spec)
-        sys.modules["rahf.fitting"] = module
+        sys.modules["rahf.method.fit"] = module
         spec.loader.exec_module(module)
 
-    import rahf.training
+    import rahf.trainer
     from rahf.cli import main
-    from rahf.fitting import FitTrainer
+    from rahf.method.fit import FitTrainer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     records: list[dict] = []
-    original = rahf.training.train_resumably
+    original = rahf.trainer.train_resumably
 
     def train_resumably(trainer) -> None:
         if isinstance(trainer, FitTrainer):
@@ -126,7 +126,7 @@ def worker(argv: list[str], out: Path, process_hwm_kb: list[int]) -> int:
             trainer.add_callback(rss_recorder(trainer, records, live))
         original(trainer)
 
-    rahf.training.train_resumably = train_resumably
+    rahf.trainer.train_resumably = train_resumably
     code = main(argv)
     out.write_text(json.dumps({"steps": records, "hwm_before_fit_kb": process_hwm_kb[:1], "rc": code}))
     return code

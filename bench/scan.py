@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
-from benchlib import BENCHMARKS, write_section
-from quality import DATA_DIR, SOURCES, digest, machine, mixed_splits
+from benchlib import BENCHMARKS, DATA_DIR, SOURCES, digest, machine, mixed_splits, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "scan"
@@ -103,7 +102,7 @@ def sweep_bands(path: Path = BENCHMARKS) -> list[dict]:
 def score_margins(model, tokenizer, pairs, bf16: bool) -> dict:
     import torch
 
-    from rahf.scoring import score_pairs
+    from rahf.evaluate.scoring import score_pairs
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         s = score_pairs(model, tokenizer, pairs, progress=False, batch_size=8, **WINDOWS)

@@ -33,17 +33,18 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from benchlib import cache_lock, write_section
-from quality import (
+from benchlib import (
     DATA_DIR,
     LABELS,
     SOURCES,
+    cache_lock,
     digest,
     machine,
     margin_delta,
     mixed_splits,
     score,
     write_pairs,
+    write_section,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

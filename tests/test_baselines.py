@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from rahf.baselines import train_dpo, train_sft
-from rahf.config import load_config
+from rahf.config import BaselineConfig, load_config
 from rahf.testing import save_tiny, write_toy_pairs
-from rahf.training import TrainingError
+from rahf.trainer import TrainingError
 
 TRAIN = {"sft": train_sft, "dpo": train_dpo}
 
@@ -23,12 +23,12 @@ def setup(tmp_path_factory):
     return save_tiny(root / "tiny", layers=2), write_toy_pairs(root / "pairs.jsonl", 20)
 
 
-def tiny_config(model, data, run_dir, *extra):
+def tiny_config(model, data, run_dir, *extra, method="sft"):
     return load_config(None, [
-        f"model={model}", f"data={data}", f"run_dir={run_dir}", "validation_fraction=0.2",
-        "baseline.train.max_steps=3", "baseline.train.learning_rate=1e-2", "logging_steps=1",
+        f"method={method}", f"model={model}", f"data={data}", f"run_dir={run_dir}", "validation_fraction=0.2",
+        "train.max_steps=3", "train.learning_rate=1e-2", "logging_steps=1",
         "max_reply_tokens=16", "device=cpu", *extra,
-    ])
+    ], cls=BaselineConfig)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def runs(setup, tmp_path_factory):
     """Each baseline trained once for the tests that only read its outputs."""
     model_dir, data = setup
     root = tmp_path_factory.mktemp("runs")
-    configs = {method: tiny_config(model_dir, data, root / method) for method in TRAIN}
+    configs = {method: tiny_config(model_dir, data, root / method, method=method) for method in TRAIN}
     return {method: (TRAIN[method](config), config) for method, config in configs.items()}
 
 
@@ -79,11 +79,11 @@ def test_sft_trains_on_reply_tokens_only_with_aligns_tokens(setup, tmp_path):
     from rahf.baselines.sft import build_sft_trainer
     from rahf.data.render import encode
     from rahf.models import load_tokenizer
-    from rahf.pipeline import prepare_data, read_pairs
+    from rahf.runs import prepare_data, read_pairs
 
     model_dir, data = setup
     config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4")
-    prepare_data(config, tmp_path)
+    prepare_data(config, tmp_path, rahf_halves=False)
     pairs = read_pairs(tmp_path / "train.jsonl")
     tokenizer = load_tokenizer(str(model_dir))
     trainer = build_sft_trainer(config, pairs, tokenizer, tmp_path / "sft")
@@ -97,11 +97,11 @@ def test_dpo_uses_aligns_tokens_and_no_reference_copy(setup, tmp_path):
     from rahf.baselines.dpo import build_dpo_trainer
     from rahf.data.render import encode
     from rahf.models import load_tokenizer
-    from rahf.pipeline import prepare_data, read_pairs
+    from rahf.runs import prepare_data, read_pairs
 
     model_dir, data = setup
-    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4")
-    prepare_data(config, tmp_path)
+    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4", method="dpo")
+    prepare_data(config, tmp_path, rahf_halves=False)
     pairs = read_pairs(tmp_path / "train.jsonl")
     tokenizer = load_tokenizer(str(model_dir))
     trainer = build_dpo_trainer(config, pairs, tokenizer, tmp_path / "dpo")
@@ -136,7 +136,7 @@ def test_nan_loss_stops_with_step_and_rerun_resumes(setup, tmp_path, monkeypatch
 
     monkeypatch.setattr(DPOTrainer, "_compute_loss", poisoned)
     model_dir, data = setup
-    config = tiny_config(model_dir, data, tmp_path / "run", "save_steps=2")
+    config = tiny_config(model_dir, data, tmp_path / "run", "save_steps=2", method="dpo")
     with pytest.raises(TrainingError, match=r"dpo: loss became nan at step 3; last good checkpoint: .*checkpoint-2"):
         train_dpo(config)
     monkeypatch.setattr(DPOTrainer, "_compute_loss", real)
@@ -151,7 +151,7 @@ def test_full_finetune_writes_merged_weights_only(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_dir, data = setup
-    final = train_sft(tiny_config(model_dir, data, tmp_path / "run", "baseline.full_finetune=true"))
+    final = train_sft(tiny_config(model_dir, data, tmp_path / "run", "full_finetune=true"))
     assert not (final / "adapter").exists()
     assert "full fine-tuning" in (final / "README.md").read_text()
     trained = AutoModelForCausalLM.from_pretrained(final / "merged")
@@ -163,8 +163,8 @@ def test_full_finetune_dpo_reference_copy_starts_at_log2(setup, tmp_path):
     """Without LoRA and without precomputing, TRL loads a second copy as the reference."""
     model_dir, data = setup
     config = tiny_config(
-        model_dir, data, tmp_path / "run", "baseline.full_finetune=true",
-        "baseline.precompute_ref_log_probs=false", "baseline.train.max_steps=1",
+        model_dir, data, tmp_path / "run", "full_finetune=true",
+        "precompute_ref_log_probs=false", "train.max_steps=1", method="dpo",
     )
     assert records(train_dpo(config))[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
 
@@ -179,7 +179,8 @@ def test_cli_dpo(setup, tmp_path):
     argv = ["baseline", "dpo", "--model", str(model_dir), "--data", str(data), "--run-dir", str(run_dir), "--max-steps", "2"]
     assert main(argv + ["--device", "cpu"]) == 0
     saved = yaml.safe_load((run_dir / "final" / "config.yaml").read_text())
-    assert saved["baseline"]["train"]["max_steps"] == 2
+    assert (saved["method"], saved["train"]["max_steps"]) == ("dpo", 2)
+    assert "patterns" not in saved and "baseline" not in saved  # align's settings are not a baseline's
     assert (run_dir / "final" / "merged" / "config.json").is_file()
 
 
@@ -188,7 +189,7 @@ def test_cli_defaults_run_dir_per_method():
     from rahf.cli import build_parser
 
     parser = build_parser()
-    config = baseline_config(parser.parse_args(["baseline", "sft", "--max-steps", "3"]), "sft")
-    assert (config.run_dir, config.baseline.train.max_steps) == ("runs/sft", 3)
-    config = baseline_config(parser.parse_args(["baseline", "dpo", "--run-dir", "elsewhere"]), "dpo")
-    assert (config.run_dir, config.baseline.train.max_steps) == ("elsewhere", -1)
+    config = baseline_config(parser.parse_args(["baseline", "sft", "--max-steps", "3"]))
+    assert (config.method, config.run_dir, config.train.max_steps) == ("sft", "runs/sft", 3)
+    config = baseline_config(parser.parse_args(["baseline", "dpo", "--run-dir", "elsewhere"]))
+    assert (config.method, config.run_dir, config.train.max_steps) == ("dpo", "elsewhere", -1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rahf.data.schema import DataError
-from rahf.plumbing import decoder_blocks
+from rahf.hidden_states import decoder_blocks
 from rahf.steering import SteeringVectors, load_vectors, steering
 from rahf.steering.control_vector import save_gguf, save_safetensors
 from rahf.testing import tiny_model

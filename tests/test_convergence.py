@@ -9,7 +9,7 @@ import torch
 from shared_runs import aligned_run_fixture, tiny_assets_fixture  # noqa: F401  (fixtures)
 from transformers import TrainerControl, TrainerState
 
-from rahf.convergence import PlateauStop, measure_progress, target_progress
+from rahf.method.convergence import PlateauStop, measure_progress, target_progress
 
 
 def test_target_progress_matches_hand_computation():
@@ -63,9 +63,9 @@ def test_a_fresh_adapter_has_moved_nowhere_yet(tiny_assets):
     """Before any training h == A_o: achieved shift 0 and residual 1 on every layer."""
     from rahf.config import load_config
     from rahf.data.schema import PreferencePair
-    from rahf.fitting import FitTrainer, load_fit_model
+    from rahf.method.fit import FitTrainer, load_fit_model
+    from rahf.method.patterns import fit_examples, pattern_source
     from rahf.models import load_tokenizer
-    from rahf.patterns import fit_examples, pattern_passes
 
     model_dir, _ = tiny_assets
     config = load_config(None, [f"model={model_dir}", "method=scit", "patterns.target_layers=[1,3]", "max_reply_tokens=16"])
@@ -74,7 +74,7 @@ def test_a_fresh_adapter_has_moved_nowhere_yet(tiny_assets):
     pairs = [PreferencePair(({"role": "user", "content": f"Add {i} and {i}."},), f"It is {2 * i}.", "No.", f"t:{i}") for i in range(5)]
     trainer = FitTrainer.__new__(FitTrainer)  # the measurement only, no training loop
     trainer.model = model
-    trainer.setup_fit(layers=[1, 3], alpha=2.0, passes=pattern_passes(config), frozen=frozen,
+    trainer.setup_fit(layers=[1, 3], alpha=2.0, source=pattern_source(config), frozen=frozen,
                       pad_id=tok.pad_token_id, truncate=True, batch_frozen=True, kl_weight=0.0, bf16=False)
     progress = measure_progress(trainer, fit_examples(pairs, tok, config))
     assert progress == pytest.approx({"shift/L1": 0.0, "residual/L1": 1.0, "shift/L3": 0.0, "residual/L3": 1.0}, abs=1e-3)

@@ -12,7 +12,7 @@ from rahf import cli
 from rahf.config import ConfigError, load_config
 from rahf.data import DataError, load_preferences
 from rahf.data.formats import parse_columns
-from rahf.pipeline import prepare_data, read_pairs
+from rahf.runs import prepare_data, read_pairs
 from rahf.testing import save_tiny
 
 MAPPING = "prompt=question,chosen=good answer,rejected=bad"

@@ -57,7 +57,7 @@ def test_share_out_of_range_is_refused(share):
 
 def test_data_stage_writes_the_halves_and_share_zero_keeps_the_old_files(tiny_assets, tmp_path):
     from rahf.config import load_config
-    from rahf.pipeline import prepare_data, read_pairs
+    from rahf.runs import prepare_data, read_pairs
 
     model, data = tiny_assets
     folders = {}
@@ -79,7 +79,7 @@ def test_data_stage_writes_the_halves_and_share_zero_keeps_the_old_files(tiny_as
 
 def test_a_share_that_empties_a_half_is_refused(tiny_assets, tmp_path):
     from rahf.config import load_config
-    from rahf.pipeline import prepare_data
+    from rahf.runs import prepare_data
 
     model, data = tiny_assets
     config = load_config(None, tiny_settings(model, data, tmp_path / "run", "patterns.disjoint_share=1e-9"))
@@ -108,7 +108,7 @@ def test_dry_run_and_data_inspect_count_the_halves(tiny_assets, tmp_path, capsys
 
 
 def test_step1_trains_on_its_half_and_the_fit_on_the_other(aligned_run):
-    from rahf.pipeline import read_pairs
+    from rahf.runs import read_pairs
 
     step1 = read_pairs(aligned_run / "data" / "step1.jsonl")
     patterns = read_pairs(aligned_run / "data" / "patterns.jsonl")
@@ -126,7 +126,7 @@ def test_step1_trains_on_its_half_and_the_fit_on_the_other(aligned_run):
 def test_no_validation_split_reads_back_as_no_pairs(tiny_assets, tmp_path):
     """validation_fraction=0 writes an empty validation file; the halves and readiness read it."""
     from rahf.config import load_config
-    from rahf.pipeline import prepare_data, read_pairs
+    from rahf.runs import prepare_data, read_pairs
 
     model, data = tiny_assets
     config = load_config(None, tiny_settings(model, data, tmp_path / "run", "validation_fraction=0"))
@@ -140,7 +140,7 @@ def test_baselines_data_stage_cuts_no_halves(tiny_assets, tmp_path):
     """Baselines train on all of train.jsonl: no halves written, and a share that would leave a
     half empty (which stops `rahf align`) does not stop them."""
     from rahf.config import load_config
-    from rahf.pipeline import prepare_data
+    from rahf.runs import prepare_data
 
     model, data = tiny_assets
     config = load_config(None, tiny_settings(model, data, tmp_path / "run", "patterns.disjoint_share=0.999"))

@@ -16,7 +16,8 @@ import torch
 
 from rahf.config import load_config
 from rahf.data.schema import PreferencePair
-from rahf.fitting import (
+from rahf.hidden_states import reply_hidden_states, reply_mask
+from rahf.method.fit import (
     FitCollator,
     FitTrainer,
     compute_cache,
@@ -25,12 +26,11 @@ from rahf.fitting import (
     length_grouped_order,
     load_fit_model,
 )
+from rahf.method.patterns import fit_examples, pattern_source
+from rahf.method.targets import CacheError, TargetCache
 from rahf.models import load_model
-from rahf.patterns import fit_examples, pattern_passes
-from rahf.plumbing import reply_hidden_states, reply_mask
-from rahf.target_cache import CacheError, TargetCache
 from rahf.testing import save_tiny, tiny_tokenizer
-from rahf.training import add_lora, training_arguments
+from rahf.trainer import add_lora, training_arguments
 
 LAYERS = [1, 3]
 WORDS = "boil the egg for nine minutes then cool it in cold water and peel".split()
@@ -77,7 +77,7 @@ def _trainer(config, model, frozen, examples, out: Path, *, group_by_length: boo
         data_collator=FitCollator(tok.pad_token_id),
     )
     trainer.setup_fit(
-        layers=LAYERS, alpha=config.patterns.alpha, passes=pattern_passes(config), frozen=frozen,
+        layers=LAYERS, alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
         pad_id=tok.pad_token_id, truncate=True, batch_frozen=True, kl_weight=0.0,
         group_by_length=group_by_length,
     )
@@ -208,7 +208,7 @@ def test_example_length_is_the_longest_role(tiny):
 
 
 def _small_cache(folder: Path, dtype: str = "bfloat16") -> Path:
-    from rahf.target_cache import write_cache
+    from rahf.method.targets import write_cache
 
     targets = torch.randn(2, 3, 5, 8)  # (layers, batch, reply, hidden)
     write_cache(folder, [([0, 1, 2], targets, torch.tensor([5, 2, 4]))], layers=2, hidden=8, dtype=dtype)
@@ -217,7 +217,7 @@ def _small_cache(folder: Path, dtype: str = "bfloat16") -> Path:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cache_round_trip_per_dtype(tmp_path, dtype):
-    from rahf.target_cache import write_cache
+    from rahf.method.targets import write_cache
 
     targets = torch.randn(2, 3, 5, 8)
     write_cache(tmp_path, [([7, 8, 9], targets, torch.tensor([5, 2, 4]))], layers=2, hidden=8, dtype=dtype)
@@ -269,12 +269,12 @@ def test_old_index_without_dtype_reads_as_bf16(tmp_path):
     ("bf16", "auto", False, True),
 ])
 def test_bf16_autocast_by_default_where_the_cpu_has_it(monkeypatch, tiny, mixed, dtype, native, expected):
-    from rahf import training
+    from rahf import trainer
 
-    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
     config = load_config(None, [f"model={tiny}", f"mixed_precision={mixed}", f"dtype={dtype}"])
-    assert training.use_bf16(config) is expected
+    assert trainer.use_bf16(config) is expected
     assert training_arguments(config, config.fit.train, Path("unused"), stage="fit").bf16 is expected
 
 
@@ -329,3 +329,60 @@ def test_bf16_reaches_frozen_full_copies(tiny, tmp_path):
     finally:
         handle.remove()
     assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------ bench/efficiency.py's building blocks
+
+
+def _bench():
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import efficiency
+    import stages
+
+    return efficiency, stages
+
+
+def test_fixed_window_is_the_reference_layout():
+    """Prompt left-padded to its window, reply right-padded to its: reply token t sits at
+    prompt_window + t in every row, and only real tokens are attended."""
+    from rahf.data.render import Encoded
+
+    _, stages = _bench()
+    rows = [Encoded([5, 6, 7], [8, 9], False, False), Encoded([1] * 12, [2, 3, 4, 5, 6], True, False)]
+    batch = stages.fixed_window(rows, pad_id=0, prompt_window=8, reply_window=4)
+    assert batch["input_ids"].tolist() == [[0, 0, 0, 0, 0, 5, 6, 7, 8, 9, 0, 0], [1] * 8 + [2, 3, 4, 5]]
+    assert batch["attention_mask"].tolist() == [[0] * 5 + [1] * 5 + [0] * 2, [1] * 12]
+    assert batch["reply_start"].tolist() == [8, 8] and batch["reply_len"].tolist() == [2, 4]
+
+
+def test_reference_examples_put_the_instruction_in_all_three_inputs(tiny):
+    efficiency, _ = _bench()
+    config = _config(tiny, "dual", "patterns.reply=both")
+    ours = fit_examples(PAIRS[:3], tiny_tokenizer(), config)
+    theirs = efficiency.reference_examples(PAIRS[:3], tiny_tokenizer(), config)
+    assert [e.index for e in theirs] == [e.index for e in ours]
+    for mine, ref in zip(ours, theirs, strict=True):
+        prompts = {tuple(ref.inputs[role].prompt_ids) for role in ("orig", "preferred", "dispreferred")}
+        assert len(prompts) == 1  # the same input, I+ included, for every role
+        assert len(ref.inputs["orig"].prompt_ids) > len(mine.inputs["orig"].prompt_ids)  # Dual's own has none
+        assert ref.inputs["orig"].reply_ids == mine.inputs["orig"].reply_ids
+
+
+def test_step1_loss_equals_trl_sft_loss_on_the_same_batch(tiny, tmp_path):
+    """The step-1 comparison trains the same objective: rahf's reply-only loss and TRL's
+    completion-only loss agree on one batch of the same token sequences (fp32)."""
+    from rahf.method.step1_dual import sft_examples
+
+    _, stages = _bench()
+    config = _config(tiny, "dual", "step1.train.batch_size=4", "step1.train.max_steps=1")
+    torch.manual_seed(0)
+    model = add_lora(load_model(tiny, device="cpu"), config.step1.lora)
+    encoded = sft_examples(PAIRS[:4], tiny_tokenizer(), config, "preferred")
+    args = training_arguments(config, config.step1.train, tmp_path / "out", stage="bench")
+    ours, theirs = stages.step1_losses(model, tiny_tokenizer(), encoded, args)
+    assert ours > 1.0  # a random tiny model: about log(vocab)
+    assert theirs == pytest.approx(ours, abs=1e-5)

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 from test_eval_report import small_report
 
 from rahf.evaluate.html_report import reply_flags, to_html
-from rahf.evaluate.report import write_report
+from rahf.evaluate.report import read_report, write_report
 
 HOSTILE = "</div><script>alert('x')</script> & \"quoted\" <b>bold</b>"
 
@@ -146,7 +146,7 @@ def test_write_report_writes_html_from_generations_jsonl(tmp_path):
     assert tmp_path / "report.html" in paths
     tree = Tree((tmp_path / "report.html").read_text()).root
     assert len(tree.find("div", "card")) == 3
-    assert sorted(i.attrs["alt"] for i in tree.find("img")) == sorted(report["plots"])
+    assert sorted(i.attrs["alt"] for i in tree.find("img")) == sorted(read_report(tmp_path).plots)
     assert tree.find("input")[0].attrs["id"] == "filter"
 
 

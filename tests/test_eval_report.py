@@ -1,4 +1,5 @@
-"""report.json round-trips; markdown and comparison tables come from it; `rahf eval` end to end."""
+"""report.json round-trips through EvalReport; markdown and comparison tables come from it; `rahf eval` end
+to end."""
 
 import json
 
@@ -40,9 +41,11 @@ def small_report(model="smollm2"):
 
 
 def test_report_json_round_trips(tmp_path):
-    report = small_report()
+    report = small_report()  # written before pair_margins / mean_token_margin existed: still reads back
     paths = write_report(tmp_path, report)
-    assert read_report(tmp_path) == report
+    plots = [p.name for p in paths if p.suffix == ".png"]
+    assert read_report(tmp_path).to_dict() == {**report, "plots": plots}
+    assert json.loads((tmp_path / "report.json").read_text()) == {**report, "plots": plots}
     assert {p.name for p in paths} >= {"report.json", "report.md", "preference_accuracy.png",
                                        "score_distributions.png", "win_rates.png"}
     assert all(p.stat().st_size > 0 for p in paths)
@@ -100,7 +103,7 @@ def test_cli_eval_writes_report_markdown_and_plots(tmp_path, monkeypatch, capsys
     for name in ("report.json", "report.md", "report.html", "generations.jsonl", "preference_accuracy.png",
                  "score_distributions.png", "win_rates.png"):
         assert (out / name).stat().st_size > 0, name
-    report = read_report(out)
+    report = read_report(out).to_dict()
     assert report["data"][0]["invalid"] == {"empty_reply": 1} and report["data"][0]["n"] == 3
     assert len(report["data"][0]["sha256"]) == 64
     assert {(e["model"], e["n"]) for e in report["preference"]} == {("model", 3), ("baseline", 3)}

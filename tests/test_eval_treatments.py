@@ -11,7 +11,7 @@ from rahf.config import ConfigError
 from rahf.data import load_preferences
 from rahf.evaluate.loading import load_for_eval
 from rahf.evaluate.run import EvalConfig, run_eval
-from rahf.scoring import score_pairs
+from rahf.evaluate.scoring import score_pairs
 from rahf.steering import SteeringVectors, steering
 from rahf.steering.control_vector import save_safetensors
 from rahf.testing import save_tiny, write_toy_pairs
@@ -38,7 +38,7 @@ def evaluate(setup, tmp_path, **kwargs) -> tuple[dict, dict]:
     model_dir, pairs, _, _ = setup
     config = EvalConfig(model=str(model_dir), baseline=str(model_dir), pairs=[str(pairs)], out=str(tmp_path),
                         resamples=50, progress=False, dtype="float32", **kwargs)
-    report = run_eval(config)
+    report = run_eval(config).to_dict()  # report.json's content
     by_role = {e["model"]: e for e in report["preference"]}
     return by_role["model"], by_role["baseline"]
 

@@ -21,7 +21,7 @@ import torch
 
 from rahf.config import load_config
 from rahf.data.schema import PreferencePair
-from rahf.fitting import (
+from rahf.method.fit import (
     PAD_MULTIPLE,
     FitCollator,
     FitTrainer,
@@ -32,9 +32,9 @@ from rahf.fitting import (
     padded_tokens,
     role_lengths,
 )
-from rahf.patterns import ROLES, fit_examples, pattern_passes
+from rahf.method.patterns import ROLES, fit_examples, pattern_source
 from rahf.testing import save_tiny, tiny_tokenizer
-from rahf.training import training_arguments
+from rahf.trainer import training_arguments
 
 LAYERS = [1, 3]
 WORDS = "whisk two eggs with milk then cook them slowly in butter and stir".split()
@@ -74,7 +74,7 @@ def _trainer(tiny: str, out: Path, *, pad_multiple: int = PAD_MULTIPLE):
         train_dataset=examples, data_collator=FitCollator(tok.pad_token_id, pad_multiple=pad_multiple),
     )
     trainer.setup_fit(
-        layers=LAYERS, alpha=config.patterns.alpha, passes=pattern_passes(config), frozen=frozen,
+        layers=LAYERS, alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
         pad_id=tok.pad_token_id, truncate=True, batch_frozen=True, kl_weight=0.0, group_by_length=True,
     )
     return trainer, model, examples

@@ -1,4 +1,4 @@
-"""The method's equations and invariants on tiny inputs (METHOD.md steps 1-3)."""
+"""The method's equations and invariants on tiny inputs (docs/method.md steps 1-3)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,7 @@ import torch
 from rahf.config import load_config
 from rahf.data.render import encode
 from rahf.data.schema import PreferencePair
-from rahf.fitting import FitCollator, FitTrainer, fitting_loss, load_fit_model
-from rahf.patterns import (
-    FROZEN,
-    FrozenModels,
-    FrozenPass,
-    build_targets,
-    collate_roles,
-    fit_examples,
-    frozen_patterns,
-    pattern_passes,
-    pattern_replies,
-)
-from rahf.plumbing import (
+from rahf.hidden_states import (
     capture_blocks,
     decoder_blocks,
     gather_reply,
@@ -30,9 +18,21 @@ from rahf.plumbing import (
     reply_hidden_states,
     reply_mask,
 )
-from rahf.preference.scit import scit_loss
+from rahf.method.fit import FitCollator, FitTrainer, fitting_loss, load_fit_model
+from rahf.method.patterns import (
+    FROZEN,
+    ModelStates,
+    Side,
+    build_targets,
+    collate_roles,
+    fit_examples,
+    frozen_patterns,
+    pattern_replies,
+    pattern_source,
+)
+from rahf.method.step1_scit import scit_loss
 from rahf.testing import save_tiny, tiny_tokenizer
-from rahf.training import add_lora
+from rahf.trainer import add_lora
 
 PAIRS = [
     PreferencePair(({"role": "user", "content": "How do I boil an egg?"},), "Boil it for nine minutes.", "No idea.", "t:1"),
@@ -142,7 +142,7 @@ def _loss(tiny, overrides, *, truncate=True, batch_frozen=True):
     config, tok, model, frozen, examples = _fit_setup(tiny, overrides)
     trainer = FitTrainer.__new__(FitTrainer)  # only the loss, no training loop
     trainer.setup_fit(
-        layers=[1, 3], alpha=config.patterns.alpha, passes=pattern_passes(config), frozen=frozen,
+        layers=[1, 3], alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
         pad_id=tok.pad_token_id, truncate=truncate, batch_frozen=batch_frozen, kl_weight=0.0,
     )
     # Give the adapter non-zero weights so the trained model differs from the frozen one.
@@ -157,7 +157,7 @@ def _loss(tiny, overrides, *, truncate=True, batch_frozen=True):
 def test_alpha_zero_and_fresh_lora_give_zero_loss(tiny):
     config, tok, model, frozen, examples = _fit_setup(tiny, ["patterns.alpha=0"])
     trainer = FitTrainer.__new__(FitTrainer)
-    trainer.setup_fit(layers=[1, 3], alpha=0.0, passes=pattern_passes(config), frozen=frozen,
+    trainer.setup_fit(layers=[1, 3], alpha=0.0, source=pattern_source(config), frozen=frozen,
                       pad_id=tok.pad_token_id, truncate=True, batch_frozen=True, kl_weight=0.0)
     model.eval()
     assert trainer.stage_loss(model, FitCollator(tok.pad_token_id)(examples)).item() == pytest.approx(0.0, abs=1e-6)
@@ -179,7 +179,7 @@ def test_frozen_state_is_not_moved_by_training(tiny):
     """SCIT frozen passes use the weights under the fitted adapter, whatever it has learnt."""
     config, tok, model, frozen, examples = _fit_setup(tiny, [])
     batches = collate_roles(examples, tok.pad_token_id)
-    passes = pattern_passes(config)
+    passes = pattern_source(config)
     before = frozen_patterns(frozen, passes, batches, [1, 3], pad_id=tok.pad_token_id)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -202,11 +202,11 @@ def test_pattern_reply_choice():
 
 def test_dual_passes_use_adapters_and_scit_passes_use_instructions():
     config = load_config(None, ["method=dual"])
-    assert pattern_passes(config)["preferred"] == FrozenPass("preferred", None)
-    assert pattern_passes(config)["orig"] == FrozenPass(FROZEN, None)
+    assert pattern_source(config)["preferred"] == Side("preferred", None)
+    assert pattern_source(config)["orig"] == Side(FROZEN, None)
     config = load_config(None, ["method=scit"])
-    passes = pattern_passes(config)
-    assert {p.state for p in passes.values()} == {FROZEN}
+    passes = pattern_source(config)
+    assert {p.state for p in passes.roles().values()} == {FROZEN}
     assert passes["preferred"].instruction == config.preferred_instruction
     assert passes["orig"].instruction is None
 
@@ -218,7 +218,7 @@ def test_frozen_models_switch_adapters_and_restore(tiny):
     lora = load_config(None, []).fit.lora
     model = add_lora(model, lora, name="preferred")
     model = add_lora(model, lora, name="default")
-    frozen = FrozenModels(model)
+    frozen = ModelStates(model)
     with frozen.state("preferred") as m:
         assert m.active_adapter == "preferred"
     assert model.active_adapter == "default"

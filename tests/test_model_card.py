@@ -70,8 +70,9 @@ def test_card_file_parses_with_metadata_load(tmp_path):
 
 def test_full_finetune_baseline_card_is_a_transformers_model():
     from rahf.baselines import baseline_card
+    from rahf.config import BaselineConfig
 
-    config = load_config(None, ["model=smollm2", "data=builtin", "baseline.full_finetune=true"])
+    config = load_config(None, ["method=dpo", "model=smollm2", "data=builtin", "full_finetune=true"], cls=BaselineConfig)
     data = ModelCard(baseline_card(config, "dpo", base="/x", data_stats=STATS, logs={"dpo": LOGS["fit"]})).data
     assert data.library_name == "transformers"
     assert {"baseline", "dpo", "trl"} <= set(data.tags)

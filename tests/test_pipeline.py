@@ -14,7 +14,7 @@ import torch
 from rahf.config import ConfigError, load_config
 from rahf.pipeline import align
 from rahf.testing import save_tiny, write_toy_pairs
-from rahf.training import TrainingError
+from rahf.trainer import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,11 +72,11 @@ def test_fit_moves_hidden_states_along_the_pattern(setup, tmp_path):
     """After fitting with alpha > 0 the shift of the hidden states projects positively on the
     preference pattern (invariant from the target formula)."""
     from rahf.data.render import encode
-    from rahf.fitting import load_fit_model
+    from rahf.hidden_states import reply_hidden_states
+    from rahf.method.fit import load_fit_model
+    from rahf.method.patterns import collate_roles, fit_examples, frozen_patterns, pattern_source
     from rahf.models import load_model
-    from rahf.patterns import collate_roles, fit_examples, frozen_patterns, pattern_passes
-    from rahf.pipeline import read_pairs
-    from rahf.plumbing import reply_hidden_states
+    from rahf.runs import read_pairs
     from rahf.testing import tiny_tokenizer
 
     model_dir, data = setup
@@ -86,7 +86,7 @@ def test_fit_moves_hidden_states_along_the_pattern(setup, tmp_path):
     pairs = read_pairs(tmp_path / "run" / "data" / "train.jsonl")[:6]
     model, frozen = load_fit_model(config, str(model_dir), {s: str(tmp_path / "run" / f"step1_{s}") for s in ("preferred", "dispreferred")}, [1, 2])
     batches = collate_roles(fit_examples(pairs, tok, config), tok.pad_token_id)
-    patterns = frozen_patterns(frozen, pattern_passes(config), batches, [1, 2], pad_id=tok.pad_token_id)
+    patterns = frozen_patterns(frozen, pattern_source(config), batches, [1, 2], pad_id=tok.pad_token_id)
     direction = patterns["preferred"] - patterns["dispreferred"]
     aligned = load_model(str(final / "merged"), device="cpu").eval()
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_target_layer_out_of_range_is_refused_before_work(setup, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path, monkeypatch):
-    import rahf.fitting as fitting
+    import rahf.method.fit as fitting
 
     model_dir, data = setup
     real = fitting.fitting_loss

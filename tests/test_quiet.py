@@ -78,7 +78,7 @@ def test_quiet_and_verbose_exclude_each_other(capsys):
 def test_verbose_writes_each_logged_step_as_a_line(capsys):
     from transformers import TrainerControl, TrainerState
 
-    from rahf.training import StageProgress
+    from rahf.trainer import StageProgress
 
     state, control = TrainerState(max_steps=4, global_step=0), TrainerControl()
     console.set_level("verbose")

@@ -10,12 +10,13 @@ import torch
 from shared_runs import aligned_run_fixture, tiny_assets_fixture, tiny_settings  # noqa: F401  (fixtures)
 
 from rahf.evaluate.stats import Estimate
-from rahf.preference.readiness import (
+from rahf.method.readiness import (
     Readiness,
     dual_readiness,
     scit_readiness,
     train_until_separated,
 )
+from rahf.plan import plan_run
 
 
 def toy_pairs(start: int, n: int):
@@ -40,7 +41,7 @@ def save_adapter(model_dir, folder, *, seed: int, zero: bool = False) -> None:
 
     from rahf.config import LoraSettings
     from rahf.models import load_model
-    from rahf.training import lora_config
+    from rahf.trainer import lora_config
 
     torch.manual_seed(seed)
     model = get_peft_model(load_model(str(model_dir), device="cpu"), lora_config(LoraSettings(target_modules=["all-linear"])))
@@ -59,7 +60,7 @@ def test_identical_sides_give_zero_signal_with_an_interval_around_it(tiny_assets
     save_adapter(model, tmp_path / "plus", seed=1)
     shutil.copytree(tmp_path / "plus", tmp_path / "minus")  # M+ == M-
     tok = load_tokenizer(str(model))
-    result = dual_readiness(config, tok, toy_pairs(100, 12), {"preferred": str(tmp_path / "plus"), "dispreferred": str(tmp_path / "minus")},
+    result = dual_readiness(plan_run(config, tokenizer=tok, layers=[1, 2]), toy_pairs(100, 12), {"preferred": str(tmp_path / "plus"), "dispreferred": str(tmp_path / "minus")},
                             source="validation split", steps=0)
     assert result.signal.value == pytest.approx(0, abs=1e-9)
     assert result.signal.low <= 0 <= result.signal.high
@@ -70,20 +71,21 @@ def test_identical_sides_give_zero_signal_with_an_interval_around_it(tiny_assets
 def test_a_side_trained_toward_chosen_separates(tiny_assets, tmp_path):
     from peft import PeftModel
 
+    from rahf.method.step1_dual import train_side
     from rahf.models import load_tokenizer
-    from rahf.preference.dual import train_side
 
     model, data = tiny_assets
     config = config_for(model, data, tmp_path / "run", "step1.train.max_steps=8")
     tok = load_tokenizer(str(model))
-    train_side(config, toy_pairs(0, 16), tok, "preferred", tmp_path / "plus")
+    plan = plan_run(config, tokenizer=tok, layers=[1, 2])
+    train_side(plan, toy_pairs(0, 16), "preferred", tmp_path / "plus")
     save_adapter(model, tmp_path / "minus", seed=0, zero=True)  # M- == the base model
-    result = dual_readiness(config, tok, toy_pairs(200, 16), {"preferred": str(tmp_path / "plus"), "dispreferred": str(tmp_path / "minus")},
+    result = dual_readiness(plan, toy_pairs(200, 16), {"preferred": str(tmp_path / "plus"), "dispreferred": str(tmp_path / "minus")},
                             source="validation split", steps=8)
     assert result.signal.low > 0 and result.separated
     # M- is the base model, so the signal is M+'s margin gain over the base, pair by pair.
+    from rahf.method.readiness import margins
     from rahf.models import load_model
-    from rahf.preference.readiness import margins
 
     base = margins(load_model(str(model), device="cpu"), tok, toy_pairs(200, 16), config)
     plus = margins(PeftModel.from_pretrained(load_model(str(model), device="cpu"), str(tmp_path / "plus" / "adapter")),
@@ -97,7 +99,8 @@ def test_scit_step1_model_equal_to_base_shows_no_change_without_instruction(tiny
     model, data = tiny_assets
     config = config_for(model, data, tmp_path / "run", "method=scit")
     shutil.copytree(model, tmp_path / "step1" / "merged")  # M_s == base
-    result = scit_readiness(config, load_tokenizer(str(model)), toy_pairs(100, 10), str(tmp_path / "step1"),
+    plan = plan_run(config, tokenizer=load_tokenizer(str(model)), layers=[1, 2])
+    result = scit_readiness(plan, toy_pairs(100, 10), str(tmp_path / "step1"),
                             source="validation split", steps=0)
     change = result.extra["M_s - base (no instruction)"]
     assert (change.value, change.low, change.high) == (0, 0, 0)
@@ -131,11 +134,12 @@ def test_until_separated_stops_once_separated_and_is_off_by_default():
 def test_cap_without_separation_names_the_settings_and_stops_when_asked(tiny_assets, tmp_path, monkeypatch, capsys):
     """The real stages are reopened and resumed chunk by chunk; the measurement is faked to
     never separate, so the cap is what ends step 1."""
-    import rahf.preference.stage as stage
+    import rahf.method.step1 as stage
+    from rahf.method import Dual
     from rahf.pipeline import align
 
     model, data = tiny_assets
-    monkeypatch.setattr(stage, "_measure", lambda config, run, tok, pairs, source, steps: fake(steps, False))
+    monkeypatch.setattr(Dual, "readiness", lambda self, plan, run, pairs, *, source, steps: fake(steps, False))
     run_dir = tmp_path / "run"
     config = config_for(model, data, run_dir, "step1.train.max_steps=2", "step1.until_separated=true",
                         "step1.chunk_steps=1", "step1.max_steps_cap=3", "step1.on_not_separated=stop")

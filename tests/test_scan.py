@@ -12,8 +12,8 @@ from rahf.cli import main
 from rahf.config import check_against_model, load_config
 from rahf.data.render import encode
 from rahf.data.schema import PreferencePair
+from rahf.hidden_states import pad_batch, reply_hidden_states
 from rahf.instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
-from rahf.plumbing import pad_batch, reply_hidden_states
 from rahf.steering import load_vectors
 from rahf.steering.readers import InstructionContrast, Patterns, Windows
 from rahf.steering.scan import LayerMetrics, layer_metrics, recommend

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rahf.cli import main
-from rahf.plumbing import capture_blocks
+from rahf.hidden_states import capture_blocks
 from rahf.steering import SteeringVectors, steering
 from rahf.steering.control_vector import save_safetensors
 from rahf.testing import save_tiny, tiny_model

@@ -21,27 +21,29 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def sides(tiny_assets, tmp_path_factory):
     """Both Dual sides trained with ``step1.objective=preference`` (DPO), M+ also merged."""
+    from rahf.method.step1_dual import train_side
     from rahf.models import load_tokenizer
-    from rahf.preference.dual import train_side
+    from rahf.plan import plan_run
 
     model, data = tiny_assets
     root = tmp_path_factory.mktemp("objective")
     config = load_config(None, tiny_settings(model, data, root / "run", "step1.objective=preference",
                                              "patterns.align_target=preferred", "step1.train.max_steps=6"))
     tok = load_tokenizer(str(model))
-    results = {side: train_side(config, PAIRS, tok, side, root / f"step1_{side}") for side in ("preferred", "dispreferred")}
+    plan = plan_run(config, tokenizer=tok, layers=[1, 2])
+    results = {side: train_side(plan, PAIRS, side, root / f"step1_{side}") for side in ("preferred", "dispreferred")}
     return config, tok, root, results
 
 
 def margin(model, tok, pairs) -> torch.Tensor:
-    from rahf.scoring import score_pairs
+    from rahf.evaluate.scoring import score_pairs
 
     scores = score_pairs(model, tok, pairs, max_prompt_tokens=64, max_reply_tokens=16, progress=False)
     return scores.chosen_sum - scores.rejected_sum
 
 
 def test_swapped_pairs_exchange_the_replies():
-    from rahf.preference.objectives import swapped
+    from rahf.method.step1_objectives import swapped
 
     pair = swapped(PAIRS[:1])[0]
     assert (pair.chosen, pair.rejected, pair.prompt) == (PAIRS[0].rejected, PAIRS[0].chosen, PAIRS[0].prompt)
@@ -68,20 +70,28 @@ def test_aligning_the_preferred_model_reads_the_reference_patterns(sides, tiny_a
     """align_target=preferred: the fitted model is M+; A_o is M+ under I+, A_+ is M+, A_- is M-."""
     from peft import PeftModel
 
+    from rahf.hidden_states import reply_hidden_states
+    from rahf.method.patterns import (
+        FROZEN,
+        collate_roles,
+        fit_examples,
+        frozen_patterns,
+        pattern_source,
+    )
+    from rahf.method.step1_dual import load_preferred_target
     from rahf.models import load_model
-    from rahf.patterns import FROZEN, collate_roles, fit_examples, frozen_patterns, pattern_passes
-    from rahf.pipeline import RunDir, base_weights
-    from rahf.plumbing import reply_hidden_states
-    from rahf.preference.dual import load_preferred_target
+    from rahf.plan import plan_run
+    from rahf.runs import RunDir
 
     config, tok, root, _ = sides
     model_dir, _ = tiny_assets
-    assert Path(base_weights(config, RunDir(root))) == (root / "step1_preferred" / "merged").resolve()
-    passes = pattern_passes(config)
+    plan = plan_run(config, tokenizer=tok, layers=[1, 2])
+    assert Path(plan.method.fit_weights(plan, RunDir(root))) == (root / "step1_preferred" / "merged").resolve()
+    passes = pattern_source(config)
     assert passes["orig"].state == passes["preferred"].state == FROZEN
     assert passes["orig"].instruction == config.preferred_instruction and passes["preferred"].instruction is None
     folders = {s: str(root / f"step1_{s}") for s in ("preferred", "dispreferred")}
-    model, frozen = load_preferred_target(config, str(root / "step1_preferred" / "merged"), folders, [1, 2])
+    model, frozen = load_preferred_target(plan, str(root / "step1_preferred" / "merged"), folders)
     batches = collate_roles(fit_examples(PAIRS[:3], tok, config), tok.pad_token_id)
     patterns = frozen_patterns(frozen, passes, batches, [1, 2], pad_id=tok.pad_token_id)
     plus = load_model(str(root / "step1_preferred" / "merged"), device="cpu").eval()

@@ -37,8 +37,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def run_error_types() -> tuple[type[BaseException], ...]:
     """Errors of a run that cannot go on; the message says where it stopped."""
-    from rahf.target_cache import CacheError
-    from rahf.training import TrainingError
+    from rahf.method.targets import CacheError
+    from rahf.trainer import TrainingError
 
     return (TrainingError, CacheError)
 

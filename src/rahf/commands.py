@@ -1,73 +1,59 @@
-"""``rahf align`` and ``rahf demo``: parse, build the config, run the pipeline."""
+"""``rahf align``, ``rahf config`` and ``rahf demo``: parse, build the config, run the pipeline.
+
+Flags are shortcuts for config keys (:class:`rahf.config_loader.Flag`); ``--config`` files and
+``--set`` reach every key. Precedence: defaults <- ``--config`` files <- ``--set`` <- flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Callable
+from typing import Any
 
-from rahf.config import load_config
+from rahf.config import AlignConfig
+from rahf.config_loader import add_config_options, add_flags, flag, layers_from_args, load
 
-# Flag -> config key. Flags are shortcuts for --set; the YAML file is the full reference.
-_FLAGS = {
-    "method": "method",
-    "model": "model",
-    "data": "data",
-    "format": "data_format",
-    "columns": "data_columns",
-    "run_dir": "run_dir",
-    "seed": "seed",
-    "max_pairs": "max_pairs",
-    "alpha": "patterns.alpha",
-    "targets": "fit.targets",
-    "dual_storage": "step1.dual_storage",
-    "device": "device",
-}
+# Flags shared by align and baseline: the run settings (rahf.config.RunConfig).
+RUN_FLAGS = [
+    flag("--model"),
+    flag("--data"),
+    flag("--format", "data_format"),
+    flag("--columns", "data_columns", metavar="KEY=COLUMN,...",
+         help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad"),
+    flag("--skip-invalid", switch=True),
+    flag("--run-dir"),
+    flag("--seed"),
+    flag("--max-pairs"),
+    flag("--device"),
+]
+ALIGN_FLAGS = [
+    flag("--method"),
+    *RUN_FLAGS,
+    flag("--target-layers", "patterns.target_layers", help="comma-separated hidden_states indices, e.g. 10,12,14"),
+    flag("--alpha", "patterns.alpha"),
+    flag("--max-steps", "step1.train.max_steps", "fit.train.max_steps",
+         help="steps of every training stage (overrides epochs)"),
+    flag("--targets", "fit.targets"),
+    flag("--dual-storage", "step1.dual_storage"),
+]
 
 
 def add_align_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see configs/); flags and --set override it")
-    parser.add_argument("--method", choices=["scit", "dual"], help="RAHF variant (default dual)")
-    parser.add_argument("--model", help="hub id, local model folder, or 'smollm2' (embedded default)")
-    parser.add_argument("--data", help="preference data: file, folder, hub dataset id, or 'builtin'")
-    parser.add_argument("--format", choices=["auto", "hh", "plain", "conversational", "ultrafeedback"])
-    parser.add_argument("--columns", metavar="KEY=COLUMN,...",
-                        help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad")
-    parser.add_argument("--skip-invalid", action="store_true", help="skip bad rows instead of failing")
-    parser.add_argument("--run-dir", help="where stages write their outputs (default runs/rahf)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--max-pairs", type=int, help="use at most this many training pairs")
-    parser.add_argument("--target-layers", help="comma-separated hidden_states indices, e.g. 10,12,14")
-    parser.add_argument("--alpha", type=float, help="target = orig + alpha * (preferred - dispreferred)")
-    parser.add_argument("--max-steps", type=int, help="steps of every training stage (overrides epochs)")
-    parser.add_argument("--targets", choices=["on-the-fly", "cached"], help="how step-3 targets are computed")
-    parser.add_argument("--dual-storage", choices=["adapters", "full-copies"])
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override any config key, e.g. --set fit.train.learning_rate=1e-4 (repeatable)",
-    )
+    add_config_options(parser)
+    add_flags(parser, AlignConfig, ALIGN_FLAGS)
 
 
-def config_from_args(args: argparse.Namespace, extra: list[str] | None = None):
-    overrides = list(extra or [])
-    for flag, key in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value if not isinstance(value, str) else json.dumps(value)}")
-    if getattr(args, "skip_invalid", False):
-        overrides.append("skip_invalid=true")
-    if getattr(args, "max_steps", None) is not None:
-        overrides += [f"step1.train.max_steps={args.max_steps}", f"fit.train.max_steps={args.max_steps}"]
-    if getattr(args, "target_layers", None):
-        overrides.append(f"patterns.target_layers=[{args.target_layers}]")
-    return load_config(args.config, overrides + list(args.overrides))
+def align_config(args: argparse.Namespace) -> AlignConfig:
+    return load(AlignConfig, layers_from_args(args))
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     from rahf.pipeline import align
     from rahf.preflight import format_plan, plan
 
-    config = config_from_args(args)
+    config = align_config(args)
     if args.dry_run:
         steps = plan(config)
         print(json.dumps(steps, indent=2) if args.json else format_plan(steps))
@@ -107,19 +93,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(args: argparse.Namespace) -> int:
-    from rahf.config import describe
+def markdown_table(rows: list[tuple[str, Any, str]]) -> str:
+    """The config reference: one row per key (README's tables)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, help_text in rows:
+        shown = "(required)" if default is dataclasses.MISSING else json.dumps(default)
+        lines.append(f"| `{key}` | `{shown if len(shown) < 40 else '(long text)'}` | {help_text} |")
+    return "\n".join(lines) + "\n"
 
-    if args.markdown:
-        print("| key | default | meaning |\n|---|---|---|")
-        for key, default, help_text in describe():
-            print(f"| `{key}` | `{json.dumps(default) if len(json.dumps(default)) < 40 else '(long text)'}` | {help_text} |")
-        return 0
-    config = config_from_args(args)
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved config of the command named (align by default), or its reference."""
     import yaml
 
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    from rahf.config_loader import describe
+
+    if args.markdown:
+        print(markdown_table(describe(args.config_class)), end="")
+        return 0
+    config = args.resolve(args)
+    print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
     return 0
+
+
+# command -> (add its arguments, resolve its config from args, its config class)
+Configurable = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any], type]
+
+
+def configurable_commands() -> dict[str, Configurable]:
+    from rahf.baselines.commands import add_baseline_arguments, baseline_config
+    from rahf.config import BaselineConfig
+    from rahf.evaluate.commands import (
+        add_eval_arguments,
+        add_train_rm_arguments,
+        eval_config,
+        train_rm_config,
+    )
+    from rahf.evaluate.settings import EvalConfig, RewardModelConfig
+
+    return {
+        "align": (add_align_arguments, align_config, AlignConfig),
+        "baseline": (add_baseline_arguments, baseline_config, BaselineConfig),
+        "eval": (add_eval_arguments, eval_config, EvalConfig),
+        "train-rm": (add_train_rm_arguments, train_rm_config, RewardModelConfig),
+    }
+
+
+def _add_config_parser(subparsers, name: str, help_text: str, configurable: Configurable) -> argparse.ArgumentParser:
+    add, resolve, cls = configurable
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    add(parser)
+    parser.add_argument("--markdown", action="store_true", help="print the config reference as a Markdown table")
+    parser.set_defaults(func=cmd_config, resolve=resolve, config_class=cls)
+    return parser
 
 
 def register(subparsers) -> None:
@@ -136,23 +162,30 @@ def register(subparsers) -> None:
     add_push_arguments(align)
     align.set_defaults(func=cmd_align)
 
-    config = subparsers.add_parser(
-        "config",
-        help="print the resolved configuration (defaults + file + flags) as YAML",
-        description="Print the configuration `rahf align` would use, or with --markdown the reference table of every key.",
+    commands = configurable_commands()
+    config = _add_config_parser(
+        subparsers, "config",
+        "print the resolved configuration (defaults + files + --set + flags) as YAML: of `rahf align`"
+        " (its flags follow directly), or of COMMAND (rahf config baseline dpo --beta 0.2)",
+        commands["align"],
     )
-    add_align_arguments(config)
-    config.add_argument("--markdown", action="store_true", help="print the config reference as a Markdown table")
-    config.set_defaults(func=cmd_config)
+    kinds = config.add_subparsers(dest="config_command", metavar="COMMAND")
+    for name, configurable in commands.items():
+        _add_config_parser(kinds, name, f"the config of `rahf {name}`", configurable)
 
     demo = subparsers.add_parser(
         "demo",
         help="align the embedded default model on the built-in data and show before/after",
         description="Train RAHF on SmolLM2-135M-Instruct (embedded) with the built-in preference set, "
-        "then print held-out preference accuracy and example generations before and after.",
+        "then print held-out preference accuracy and example generations before and after. "
+        "The settings are the packaged recipes demo-<method>[-quick] (`rahf config --config demo-dual`).",
     )
     demo.add_argument("--method", choices=["scit", "dual"], default="dual")
     demo.add_argument("--quick", action="store_true", help="a smaller budget (under 3 minutes on 2 CPU cores)")
     demo.add_argument("--run-dir", help="default runs/demo-<method>[-quick]")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the demo's recipe (repeatable)")
     demo.set_defaults(func=cmd_demo)
+
+
+__all__ = ["ALIGN_FLAGS", "RUN_FLAGS", "add_align_arguments", "align_config", "register"]

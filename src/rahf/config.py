@@ -1,4 +1,4 @@
-"""Configuration: one dataclass per stage, loaded from YAML and ``--set key=value`` overrides.
+"""Configuration: one dataclass per stage, loaded by :mod:`rahf.config_loader` (YAML, ``--set``, flags).
 
 Defaults follow the RAHF paper's reference settings (see ``docs`` in README) except where noted.
 Every check that can run before loading a model runs in ``__post_init__``; the checks that need
@@ -8,19 +8,17 @@ the model's depth run in :func:`check_against_model`. Errors name the key and sa
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
+from rahf.config_loader import ConfigError, file_layer, load, read_yaml, set_layers
 from rahf.instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
 
-
-class ConfigError(ValueError):
-    """Bad configuration; the message names the key."""
+C = TypeVar("C", bound="RunConfig")  # the config class load_config builds
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
@@ -91,7 +89,7 @@ class Step1Config:
     )
     full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of LoRA"})
     label_smoothing: float = field(
-        default=0.2, metadata={"help": "SCIT contrastive term's epsilon (METHOD.md step 1a)"}
+        default=0.2, metadata={"help": "SCIT contrastive term's epsilon (docs/method.md, step 1a)"}
     )
     dual_storage: Literal["adapters", "full-copies"] = field(
         default="adapters",
@@ -210,28 +208,11 @@ class FitConfig:
 
 
 @dataclass
-class BaselineConfig:
-    """The SFT and DPO baselines (``rahf baseline sft|dpo``), on the same data and outputs."""
+class RunConfig:
+    """Settings every training command shares: what to train, on which data, in which windows,
+    where to write, on which hardware, how to log. ``rahf align`` and ``rahf baseline`` extend it."""
 
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-4, epochs=1.0))
-    lora: LoraSettings = field(
-        default_factory=lambda: LoraSettings(r=16, alpha=32, target_modules=["all-linear"])
-    )
-    full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of LoRA"})
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature of the implicit reward"})
-    precompute_ref_log_probs: bool = field(
-        default=True, metadata={"help": "DPO: compute the reference log-probs once before training"}
-    )
-
-    def check(self) -> None:
-        self.train.check("baseline.train")
-        self.lora.check("baseline.lora")
-        _positive("baseline.beta", self.beta)
-
-
-@dataclass
-class AlignConfig:
-    method: Literal["scit", "dual"] = field(default="dual", metadata={"help": "RAHF variant: scit (one model, contrastive instructions) or dual (preferred + dispreferred models)"})
+    method: str = field(default="", metadata={"help": "the method this run trains"})
     model: str = field(default="smollm2", metadata={"help": "hub id, local folder, or 'smollm2'"})
     data: str = field(default="builtin", metadata={"help": "preference data file, folder, hub id, or 'builtin'"})
     data_format: Literal["auto", "hh", "plain", "conversational", "ultrafeedback"] = field(
@@ -247,8 +228,6 @@ class AlignConfig:
     validation_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out (split by prompt hash)"})
     run_dir: str = field(default="runs/rahf", metadata={"help": "folder for every stage's outputs; reruns resume here"})
     seed: int = field(default=0, metadata={"help": "seed for splits, reply choice, LoRA init and data order"})
-    preferred_instruction: str = field(default=PREFERRED_INSTRUCTION, metadata={"help": "I+, placed as the system prompt"})
-    dispreferred_instruction: str = field(default=DISPREFERRED_INSTRUCTION, metadata={"help": "I-, placed as the system prompt"})
     max_prompt_tokens: int = field(default=256, metadata={"help": "prompt window; earliest turns are dropped first"})
     max_reply_tokens: int | None = field(
         default=None, metadata={"help": "reply window; default 64 for Dual, 512 for SCIT"}
@@ -265,14 +244,13 @@ class AlignConfig:
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "Trainer loggers: tensorboard, wandb, ..."})
     logging_steps: int = field(default=5, metadata={"help": "log the loss every N steps"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (resume point)"})
-    step1: Step1Config = field(default_factory=Step1Config)
-    patterns: PatternConfig = field(default_factory=PatternConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+    # Keys of other commands: "prefix" -> the one-line message (``{key}``: the key given,
+    # ``{rest}``: the key without the prefix). Read by rahf.config_loader.
+    FOREIGN_KEYS: ClassVar[dict[str, str]] = {}
+    DEFAULT_REPLY_WINDOW: ClassVar[int] = 64
 
     def __post_init__(self) -> None:
-        if self.method not in get_args(get_type_hints(AlignConfig)["method"]):
-            raise ConfigError(f"method must be 'scit' or 'dual', got {self.method!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.max_pairs is not None and self.max_pairs < 1:
@@ -281,14 +259,6 @@ class AlignConfig:
             raise ConfigError(f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}")
         if self.max_reply_tokens is not None and self.max_reply_tokens < 1:
             raise ConfigError(f"max_reply_tokens must be >= 1, got {self.max_reply_tokens}")
-        if self.preferred_instruction.strip() == self.dispreferred_instruction.strip():
-            raise ConfigError("preferred_instruction and dispreferred_instruction must differ")
-        self.step1.check()
-        self.patterns.check()
-        if self.method == "scit" and (self.step1.objective != "sft" or self.patterns.align_target != "base"):
-            raise ConfigError("step1.objective=preference and patterns.align_target=preferred are Dual options; use method=dual")
-        self.fit.check()
-        self.baseline.check()
         if self.data_columns is not None:  # normalised to a mapping, so config.yaml shows one
             from rahf.data.formats import parse_columns
             from rahf.data.schema import DataError
@@ -300,15 +270,7 @@ class AlignConfig:
 
     @property
     def reply_window(self) -> int:
-        if self.max_reply_tokens is not None:
-            return self.max_reply_tokens
-        return 512 if self.method == "scit" else 64
-
-    @property
-    def pattern_reply(self) -> str:
-        if self.patterns.reply != "default":
-            return self.patterns.reply
-        return "random" if self.method == "scit" else "both"
+        return self.max_reply_tokens if self.max_reply_tokens is not None else self.DEFAULT_REPLY_WINDOW
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -317,6 +279,104 @@ class AlignConfig:
         from rahf.io import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A run folder's saved config.json in this class's current shape, so a folder written
+        by an older rahf still resumes (RunDir.check_config compares the two)."""
+        return saved
+
+
+_ALIGN_ONLY = "{key} belongs to `rahf align`, not `rahf baseline`"
+
+
+@dataclass
+class AlignConfig(RunConfig):
+    """``rahf align``: the run settings plus RAHF's three steps (step1, patterns, fit)."""
+
+    method: Literal["scit", "dual"] = field(default="dual", metadata={"help": "RAHF variant: scit (one model, contrastive instructions) or dual (preferred + dispreferred models)"})
+    preferred_instruction: str = field(default=PREFERRED_INSTRUCTION, metadata={"help": "I+, placed as the system prompt"})
+    dispreferred_instruction: str = field(default=DISPREFERRED_INSTRUCTION, metadata={"help": "I-, placed as the system prompt"})
+    step1: Step1Config = field(default_factory=Step1Config)
+    patterns: PatternConfig = field(default_factory=PatternConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    FOREIGN_KEYS: ClassVar[dict[str, str]] = {
+        "baseline": "{key} belongs to `rahf baseline` (there the key is `{rest}`); rahf align has no baseline settings",
+    }
+
+    def __post_init__(self) -> None:
+        from rahf.method import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {self.method!r}")
+        super().__post_init__()
+        if self.preferred_instruction.strip() == self.dispreferred_instruction.strip():
+            raise ConfigError("preferred_instruction and dispreferred_instruction must differ")
+        self.step1.check()
+        self.patterns.check()
+        if self.method == "scit" and (self.step1.objective != "sft" or self.patterns.align_target != "base"):
+            raise ConfigError("step1.objective=preference and patterns.align_target=preferred are Dual options; use method=dual")
+        self.fit.check()
+
+    @property
+    def reply_window(self) -> int:
+        from rahf.method import method_for
+
+        return self.max_reply_tokens if self.max_reply_tokens is not None else method_for(self).reply_window
+
+    @property
+    def pattern_reply(self) -> str:
+        from rahf.method import method_for
+
+        return self.patterns.reply if self.patterns.reply != "default" else method_for(self).pattern_reply
+
+    def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section."""
+        return {k: v for k, v in saved.items() if k != "baseline"}
+
+
+@dataclass
+class BaselineConfig(RunConfig):
+    """``rahf baseline sft|dpo``: the run settings plus the baseline's own training settings."""
+
+    method: Literal["sft", "dpo"] = field(
+        default="sft", metadata={"help": "sft (chosen replies, TRL SFTTrainer) or dpo (TRL DPOTrainer)"}
+    )
+    run_dir: str | None = field(default=None, metadata={"help": "folder for every stage's outputs; default runs/<method>"})
+    max_reply_tokens: int | None = field(default=None, metadata={"help": "reply window; default 64"})
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-4, epochs=1.0))
+    lora: LoraSettings = field(
+        default_factory=lambda: LoraSettings(r=16, alpha=32, target_modules=["all-linear"])
+    )
+    full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of LoRA"})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature of the implicit reward"})
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata={"help": "DPO: compute the reference log-probs once before training"}
+    )
+
+    FOREIGN_KEYS: ClassVar[dict[str, str]] = {
+        **{name: _ALIGN_ONLY for name in ("step1", "patterns", "fit", "preferred_instruction", "dispreferred_instruction")},
+    }
+
+    # rahf <= 0.1 kept these settings under `baseline.` inside align's config; those keys still
+    # read (baseline.train.learning_rate is train.learning_rate), and config.yaml shows the new ones.
+    RENAMED_SECTIONS: ClassVar[dict[str, str]] = {"baseline": ""}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.run_dir is None:
+            self.run_dir = f"runs/{self.method}"
+        self.train.check("train")
+        self.lora.check("lora")
+        _positive("beta", self.beta)
+
+    def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Baseline runs written before this class existed saved align's config with a
+        ``baseline`` section; they recorded no method (the command named it), so take ours."""
+        if "baseline" not in saved:
+            return saved
+        shared = {f.name for f in dataclasses.fields(RunConfig)}
+        return {k: v for k, v in saved.items() if k in shared} | saved["baseline"] | {"method": self.method}
 
 
 def default_target_layers(num_layers: int) -> list[int]:
@@ -358,135 +418,20 @@ def check_against_model(config: AlignConfig, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-# ---------------------------------------------------------------- dict / YAML / overrides
+# ---------------------------------------------------------------- loading (rahf.config_loader)
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, default: Any = None) -> Any:
-    """Build ``cls`` from a partial mapping; keys not given keep ``default``'s values, so a
-    nested section like ``fit.train`` keeps its own stage defaults."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
-    default = default if default is not None else cls()
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {name: getattr(default, name) for name in names}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{path}'{hint}")
-        hint_type = hints[key]
-        if dataclasses.is_dataclass(hint_type):
-            kwargs[key] = _build(hint_type, value or {}, f"{path}.", getattr(default, key))
-        else:
-            kwargs[key] = _coerce(value, hint_type, path)
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, cls: type[C] = AlignConfig
+) -> C:
+    """``cls`` (default :class:`AlignConfig`) from defaults <- ``path`` (a YAML file or a
+    packaged recipe name) <- ``key=value`` overrides."""
+    layers = [file_layer(path)] if path is not None else []
+    return load(cls, layers + set_layers(overrides or []))
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = get_origin(hint)
-    args = get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{path} may not be empty")
-    if origin is Literal:
-        if isinstance(value, bool) and "no" in args and not value:
-            value = "no"  # YAML 1.1 reads a bare `no` as false
-        if value not in args:
-            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if type(None) in args:  # Optional[X]
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, path)
-    if origin is list:
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = [v.strip() for v in str(value).split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{path} must be a number, got {value!r}") from None
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            try:
-                return int(str(value))
-            except ValueError:
-                raise ConfigError(f"{path} must be an integer, got {value!r}") from None
-        return value
-    if hint is str:
-        return str(value)
-    return value
-
-
-def config_from_dict(data: dict[str, Any]) -> AlignConfig:
-    return _build(AlignConfig, data, "")
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AlignConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-    try:
-        return config_from_dict(apply_overrides(data, overrides or []))
-    except ConfigError as err:
-        if path is not None:
-            raise ConfigError(f"{path}: {err}") from err
-        raise
-
-
-def describe() -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every config field, nested keys dotted: the config reference."""
-    return _describe_instance(AlignConfig())
-
-
-def _describe_instance(obj: Any) -> list[tuple[str, Any, str]]:
-    rows = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            rows += [(f"{f.name}.{k}", v, h) for k, v, h in _describe_instance(value)]
-        else:
-            rows.append((f.name, value, f.metadata.get("help", "")))
-    return rows
+def load_saved_config(path: str | Path) -> AlignConfig:
+    """An align run folder's config.yaml; one written before the baseline settings left
+    AlignConfig holds a ``baseline`` section, which no align stage reads: it is dropped."""
+    data = {k: v for k, v in read_yaml(path).items() if k != "baseline"}
+    return load(AlignConfig, [(str(path), data)])

@@ -2,7 +2,7 @@
 the default, ``rahf --verbose`` / ``--debug``).
 
 ``normal`` shows one progress bar per training stage with the loss on it
-(:class:`rahf.training.StageProgress`) and rahf's own stage notes; the libraries' own bars
+(:class:`rahf.trainer.StageProgress`) and rahf's own stage notes; the libraries' own bars
 (weight loading, shard writing, dataset maps) are hidden, downloads keep theirs. ``verbose`` adds
 every logged step as a line and the libraries' bars and info logs. ``quiet`` drops all bars and
 notes: what is left is the results a command prints and errors.

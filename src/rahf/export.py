@@ -16,6 +16,30 @@ from rahf.config import AlignConfig
 from rahf.io import atomic_dir, atomic_write_text
 
 
+def export_aligned(plan, run, base: str, out: Path, *, logs: dict, readiness: list, fit_result: dict,
+                   data_stats: dict) -> dict:
+    """The ``final`` stage of ``rahf align``: adapter, merged model, logs, config and model card."""
+    from rahf.method.convergence import check_lines, checks_records
+
+    config, layers, tokenizer = plan.config, plan.layers, plan.tokenizer
+    write_adapter(run.stage("fit") / "adapter", out / "adapter", base)
+    write_merged(out / "adapter", out / "merged", tokenizer)
+    write_logs(logs, out, extra=checks_records(readiness, fit_result))
+    config.save(out / "config.yaml")
+    name = plan.method.name
+    card = model_card(
+        config,
+        title=f"RAHF-{name.upper()} adapter",
+        summary=f"Aligned by representation engineering (RAHF, method **{name}**).",
+        settings=f"Target layers (hidden_states indices) {layers}, alpha {config.patterns.alpha}, patterns on"
+        f" `{config.pattern_reply}` replies; fitting LoRA r={config.fit.lora.r} on {config.fit.lora.target_modules}.",
+        base=base, data_stats=data_stats, logs=logs, tags=("representation-engineering", "alignment", "lora"),
+        checks=check_lines(config, readiness, fit_result, data_stats),
+    )
+    atomic_write_text(out / "README.md", card)
+    return {}
+
+
 def write_adapter(fit_adapter: Path, out: Path, base: str) -> None:
     """Copy the fitted adapter, pointing ``base_model_name_or_path`` at the weights it applies to."""
 

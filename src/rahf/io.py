@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-FAULT_ENV = "RAHF_FAULT"
+from rahf.faults import fault_point
+
 HASH_LIMIT = 1 << 30  # files above 1 GiB are checked by size only: hashing tens of GB per save costs minutes
 
 
@@ -53,32 +53,6 @@ def wait_for_everyone() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def inject_fault(point: str, path: str | Path | None = None) -> bool:
-    """Test-only fault injection, so the reliability suite can break a run at an exact place.
-
-    ``RAHF_FAULT="<action>@<point>"`` acts when the code reaches ``point``; unset (always, outside
-    tests) this does nothing. Actions: ``kill`` (SIGKILL this process), ``term`` / ``int`` (send
-    it SIGTERM / SIGINT), ``enospc`` (raise the OSError a full disk raises), ``nan`` (return True:
-    the caller poisons its loss). Points: ``stage:<name>`` before a stage starts,
-    ``done:<name>`` before its DONE.json is written, ``step:<stage>:<n>`` after optimizer step n,
-    ``loss:<stage>:<n>`` in step n's loss, ``save:<stage>:<n>`` when checkpoint n's weights are
-    written but not yet its optimizer, RNG and trainer state, and ``write:<parent>/<name>`` when
-    an atomic folder is built but not yet moved into place. ``path`` is the file or folder
-    being written there, named by the ``enospc`` error as a real one would.
-    """
-    spec = os.environ.get(FAULT_ENV, "")
-    action, _, where = spec.partition("@")
-    if where != point:
-        return False
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif action in ("term", "int"):
-        os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGINT)
-    elif action == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path or point))
-    return action == "nan"
 
 
 def is_temp_name(name: str) -> bool:
@@ -165,7 +139,7 @@ def atomic_dir(final: str | Path, build: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         build(tmp)
-        inject_fault(f"write:{final.parent.name}/{final.name}", final)
+        fault_point(f"write:{final.parent.name}/{final.name}", final)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

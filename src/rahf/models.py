@@ -156,11 +156,5 @@ def load_model(
     return model.to(device)
 
 
-def load_model_and_tokenizer(name_or_path: str, **kwargs) -> tuple[PreTrainedModel, object]:
-    return load_model(name_or_path, **kwargs), load_tokenizer(
-        name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False)
-    )
-
-
 def model_config(name_or_path: str):
     return AutoConfig.from_pretrained(resolve_model_path(name_or_path))

@@ -83,6 +83,7 @@ def plan(config: AlignConfig) -> dict:
     """
 
     from rahf.data.render import TruncationStats, encode
+    from rahf.method import method_for
     from rahf.models import load_tokenizer
 
     layers = target_layers(config)
@@ -96,8 +97,9 @@ def plan(config: AlignConfig) -> dict:
     if not train:
         raise DataError(f"{config.data}: no training pairs left after filtering and the validation split")
     tokenizer = load_tokenizer(config.model)
+    method = method_for(config)
     # SCIT puts an instruction before every prompt: check the window against the longer one.
-    instruction = max(config.preferred_instruction, config.dispreferred_instruction, key=len) if config.method == "scit" else None
+    instruction = max(config.preferred_instruction, config.dispreferred_instruction, key=len) if method.instructed else None
     stats = TruncationStats()
     tokens = 0
     for pair in train:
@@ -114,17 +116,17 @@ def plan(config: AlignConfig) -> dict:
             return train_cfg.max_steps
         return math.ceil(train_cfg.epochs * math.ceil(examples / (train_cfg.batch_size * train_cfg.grad_accum)))
 
-    from rahf.pipeline import halves
+    from rahf.runs import halves
 
     step1_pairs, pattern_pairs = halves(config, train)
-    step1_examples = 2 * len(step1_pairs) if config.method == "scit" else len(step1_pairs)
+    step1_examples = method.step1_examples_per_pair * len(step1_pairs)
     fit_examples = len(pattern_pairs) * (2 if config.pattern_reply == "both" else 1)
-    stages = (["step1"] if config.method == "scit" else ["step1_preferred", "step1_dispreferred"]) + ["fit", "final"]
+    stages = [*method.step1_stages, "fit", "final"]
     hidden, n_layers = model_cfg.hidden_size, model_cfg.num_hidden_layers
     params = n_layers * 12 * hidden * hidden + 2 * model_cfg.vocab_size * hidden  # rough, for the estimate
     bytes_per = 2 if config.dtype == "bfloat16" else 4
     # Step 3 holds the base plus, for Dual full copies, the two step-1 models.
-    copies = 3 if config.method == "dual" and config.step1.dual_storage == "full-copies" else 1
+    copies = method.fit_weight_copies(config)
     return {
         "method": config.method,
         "model": config.model,
@@ -132,7 +134,7 @@ def plan(config: AlignConfig) -> dict:
                  "step1_pairs": len(step1_pairs), "pattern_pairs": len(pattern_pairs), "disjoint_share": config.patterns.disjoint_share},
         "stages": stages,
         "target_layers": layers,
-        "steps": {"step1 (each side)" if config.method == "dual" else "step1": steps(config.step1.train, step1_examples), "fit": steps(config.fit.train, fit_examples)},
+        "steps": {method.step1_steps_label: steps(config.step1.train, step1_examples), "fit": steps(config.fit.train, fit_examples)},
         "examples": {"step1": step1_examples, "fit": fit_examples},
         "tokens": {"train_total": tokens, "truncated_prompts": stats.prompts_truncated, "truncated_replies": stats.replies_truncated},
         "estimated_weights_gb": round(params * bytes_per / 1e9, 2),

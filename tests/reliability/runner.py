@@ -3,7 +3,7 @@
 Fault runs are real processes that really die. Most are *forked* from the test process, which
 has already imported torch and transformers, so a run costs its work, not five seconds of
 imports; a few are full ``python -m rahf.cli`` subprocesses to prove the real entry point.
-Faults are placed with ``RAHF_FAULT`` (see ``rahf.io.inject_fault``).
+Faults are placed with ``RAHF_FAULT`` (see ``rahf.faults``).
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ DATA_CASES: dict[str, Case] = {
     "columns_malformed": Case("cols.jsonl", jsonl(GOOD), ["data_columns: 'prompt:question' is not key=column"],
                               args=["--columns", "prompt:question"]),
     "inspect_columns_unknown_key": Case(
-        "inspect_cols.jsonl", jsonl(GOOD), ["--columns: unknown key 'answer'; the keys are prompt, chosen, rejected"],
+        "inspect_cols.jsonl", jsonl(GOOD), ["--columns: ", "data_columns: unknown key 'answer'; the keys are prompt, chosen, rejected"],
         command="inspect", args=["--columns", "answer=a"],
     ),
     "missing_file": Case("nowhere.jsonl", None, ["{path}: no such file or folder"]),

@@ -97,7 +97,7 @@ def test_changed_earlier_output_redoes_later_stages_from_scratch(tmp_path, align
     """A stage whose inputs changed since it finished is not reused (its checkpoints neither)."""
     from safetensors.torch import load_file, save_file
 
-    from rahf.pipeline import RunDir
+    from rahf.runs import RunDir
 
     run_dir = copy_run(reference, tmp_path / "run")
     weights = run_dir / "step1_preferred" / "adapter" / "adapter_model.safetensors"

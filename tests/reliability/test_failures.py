@@ -18,7 +18,7 @@ from reliability.runner import adapter_difference, assert_no_traceback, run_fork
 
 def test_nan_loss_cli_stops_with_step_one_line_and_keeps_checkpoint(tmp_path, align_argv):
     """A real interpreter: the whole stderr ends in exactly one error line, no traceback."""
-    from rahf.training import checkpoint_problem
+    from rahf.trainer import checkpoint_problem
 
     run_dir = tmp_path / "run"
     result = run_subprocess(align_argv(run_dir), fault="nan@loss:fit:5")
@@ -41,7 +41,7 @@ def test_debug_flag_shows_the_traceback(tmp_path, align_argv):
 
 
 def _intact(run_dir: Path, stages: list[str]) -> None:
-    from rahf.pipeline import RunDir
+    from rahf.runs import RunDir
 
     run = RunDir(run_dir)
     for stage in stages:
@@ -81,7 +81,7 @@ def test_torch_save_disk_full_error_becomes_enospc(tmp_path, monkeypatch):
     import shutil
     from types import SimpleNamespace
 
-    from rahf.training import train_resumably
+    from rahf.trainer import train_resumably
 
     class FakeTrainer:
         args = SimpleNamespace(output_dir=str(tmp_path / "checkpoints"), seed=0)

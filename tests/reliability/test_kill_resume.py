@@ -28,7 +28,7 @@ KILL_POINTS = {
 @pytest.mark.parametrize("name", list(KILL_POINTS))
 def test_sigkill_then_rerun_gives_the_same_adapter(name, tmp_path, align_argv, reference):
     point, expected = KILL_POINTS[name]
-    from rahf.training import checkpoint_problem
+    from rahf.trainer import checkpoint_problem
 
     run_dir = tmp_path / "run"
     killed = run_forked(align_argv(run_dir), fault=f"kill@{point}")

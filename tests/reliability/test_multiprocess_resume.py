@@ -125,7 +125,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_exits_143_and_
     moment apart; here the other never comes): the ranks agree at the step end, both save
     checkpoint-3 and exit 143 with the resume note, and the relaunch resumes there, mid-epoch
     (each fit epoch is 2 steps on 2 ranks), to the same adapter."""
-    from rahf.training import checkpoint_problem
+    from rahf.trainer import checkpoint_problem
 
     run_dir = tmp_path / "run"
     results = [finish(p, timeout=180) for p in start_ranks(align_argv(run_dir), faults={0: "term@step:fit:3"})]
@@ -148,7 +148,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_the_relaunch_resumes(tmp_path, 
     """SIGTERM to ``accelerate launch`` itself, mid-fit: it forwards SIGTERM to both ranks, which
     save a checkpoint and stop; rank 0 prints the resume note. (The launcher then exits 1 with
     torch's own SignalException traceback: that part is torchrun's, not rahf's.)"""
-    from rahf.training import checkpoint_problem
+    from rahf.trainer import checkpoint_problem
 
     run_dir = tmp_path / "run"
     proc = start_launcher(align_argv(run_dir))

@@ -12,7 +12,7 @@ from reliability.runner import ROOT, adapter_difference, assert_no_traceback, ru
 
 
 def test_sigterm_saves_checkpoint_exits_143_and_resumes_exactly(tmp_path, align_argv, reference):
-    from rahf.training import checkpoint_problem
+    from rahf.trainer import checkpoint_problem
 
     run_dir = tmp_path / "run"
     stopped = run_forked(align_argv(run_dir), fault="term@step:fit:3")
@@ -47,7 +47,7 @@ def test_sigterm_outside_training_exits_143_with_resume_note(tmp_path, align_arg
 
 def test_ctrl_c_from_outside_stops_at_step_end_with_checkpoint(tmp_path, align_argv):
     """A real SIGINT sent by another process to a fresh interpreter, mid-training."""
-    from rahf.training import checkpoint_problem
+    from rahf.trainer import checkpoint_problem
 
     run_dir = tmp_path / "run"
     argv = align_argv(run_dir, "--set", "step1.train.max_steps=400")

@@ -1,8 +1,8 @@
 """The SFT and DPO baselines, run through the same data stage and outputs as ``rahf align``.
 
-    from rahf import load_config
     from rahf.baselines import train_dpo, train_sft
-    final = train_dpo(load_config(None, ["model=smollm2", "data=builtin", "run_dir=runs/dpo"]))
+    from rahf.config import BaselineConfig
+    final = train_dpo(BaselineConfig(method="dpo", model="smollm2", data="builtin"))  # runs/dpo
     # final/adapter, final/merged, README.md, metrics.jsonl, loss.png, config.yaml
 
 Stages: ``RUN_DIR/data`` (the same split as align) -> ``RUN_DIR/sft`` or ``RUN_DIR/dpo`` (TRL
@@ -16,58 +16,59 @@ every method sees the same prompt rendering and the same ``max_prompt_tokens`` /
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from rahf.config import AlignConfig
+from rahf.config import BaselineConfig, ConfigError, RunConfig
 
 __all__ = ["train_dpo", "train_sft"]
 
 Method = Literal["sft", "dpo"]
-# The training stage: (config, training pairs, tokenizer, stage folder) -> the per-step log.
+# The training stage: (config, training pairs, tokenizer, stage folder, model_path=) -> the per-step log.
 StageFn = Callable[..., list[dict]]
 
 
-def train_sft(config: AlignConfig, *, overwrite: bool = False) -> Path:
+def train_sft(config: BaselineConfig, *, overwrite: bool = False) -> Path:
     """Supervised fine-tuning on the chosen replies (TRL ``SFTTrainer``); returns ``RUN_DIR/final``."""
     from rahf.baselines.sft import sft_stage
 
     return run_baseline(config, "sft", sft_stage, overwrite=overwrite)
 
 
-def train_dpo(config: AlignConfig, *, overwrite: bool = False) -> Path:
+def train_dpo(config: BaselineConfig, *, overwrite: bool = False) -> Path:
     """Direct preference optimisation (TRL ``DPOTrainer``); returns ``RUN_DIR/final``."""
     from rahf.baselines.dpo import dpo_stage
 
     return run_baseline(config, "dpo", dpo_stage, overwrite=overwrite)
 
 
-def run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwrite: bool = False) -> Path:
+def run_baseline(config: BaselineConfig, method: Method, stage: StageFn, *, overwrite: bool = False) -> Path:
     """data -> ``method`` -> final, with align's RunDir, resume rules, run-folder lock and export."""
     from rahf.io import join_process_group
     from rahf.runlock import run_lock
 
+    if config.method != method:  # the config also names the default run folder: say, don't guess
+        raise ConfigError(f"train_{method} got a config with method={config.method}: load it with method={method}")
     join_process_group()
     with run_lock(config.run_dir):  # one writer per run folder (rahf.runlock)
         return _run_baseline(config, method, stage, overwrite=overwrite)
 
 
-def _run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwrite: bool) -> Path:
+def _run_baseline(config: BaselineConfig, method: Method, stage: StageFn, *, overwrite: bool) -> Path:
     from rahf.io import atomic_write_text
     from rahf.models import load_tokenizer, resolve_model_path
-    from rahf.pipeline import RunDir, prepare_data, read_pairs, run_stage
+    from rahf.runs import RunDir, prepare_data, read_pairs, run_stage
 
     run = RunDir(config.run_dir)
     run.check_config(config, overwrite=overwrite)
-    tokenizer = load_tokenizer(config.model)
-    base = resolve_model_path(config.model)
+    base = resolve_model_path(config.model)  # resolved once; the stage loads this path
+    tokenizer = load_tokenizer(base)
     log: dict[str, list] = {}
 
     data_stats = run_stage(run, "data", lambda out: prepare_data(config, out, rahf_halves=False), log=log)
     train = read_pairs(run.stage("data") / "train.jsonl")
-    run_stage(run, method, lambda out: {"log": stage(config, train, tokenizer, out)}, log=log)
+    run_stage(run, method, lambda out: {"log": stage(config, train, tokenizer, out, model_path=base)}, log=log)
 
     def export(out: Path) -> dict:
         from rahf.export import write_adapter, write_logs, write_merged
@@ -89,15 +90,11 @@ def _run_baseline(config: AlignConfig, method: Method, stage: StageFn, *, overwr
 
 
 def train_and_save(trainer, out: Path, tokenizer) -> list[dict]:
-    """Train a TRL trainer (resuming from ``out/checkpoints``), save ``out/adapter`` or
-    ``out/model``, and return the per-step log: the same for every baseline."""
-    from rahf.training import LossLogCallback, save_trained, train_resumably
+    """Train a TRL trainer as a stage (:func:`rahf.trainer.train_stage`: resume from
+    ``out/checkpoints``, save ``out/adapter`` or ``out/model``); return the per-step log."""
+    from rahf.trainer import train_stage
 
-    log = LossLogCallback()
-    trainer.add_callback(log)
-    train_resumably(trainer)
-    save_trained(trainer.model, out, merged=False, tokenizer=tokenizer)
-    return log.records
+    return train_stage(trainer, out, merged=False, tokenizer=tokenizer)["log"]
 
 
 def _copy_model(src: Path, out: Path) -> None:
@@ -113,42 +110,34 @@ def _copy_model(src: Path, out: Path) -> None:
     atomic_dir(out, build)
 
 
-def trl_arguments(config: AlignConfig, cls: type, out: Path, *, stage: str, **extra):
-    """A TRL config (``SFTConfig`` / ``DPOConfig``) with exactly align's Trainer arguments.
+def trl_arguments(config: RunConfig, cls: type, out: Path, *, stage: str, train=None, **extra):
+    """A TRL config (``SFTConfig`` / ``DPOConfig``) with exactly align's Trainer arguments
+    (:func:`rahf.trainer.training_arguments`); ``train``: the budget (default: the baseline's)."""
+    from rahf.trainer import training_arguments
 
-    Built from :func:`rahf.training.training_arguments` so optimiser, schedule, logging,
-    checkpointing, precision and device match the RAHF stages; TRL's own defaults that differ
-    (gradient checkpointing on, bf16 on) are overridden by those values.
-    """
-    from rahf.training import training_arguments
-
-    base = training_arguments(config, config.baseline.train, out, stage=stage)
-    values = base.to_dict()
-    values["hub_token"] = base.hub_token  # to_dict masks tokens
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{k: v for k, v in values.items() if k in names}, **extra)
+    return training_arguments(config, train or config.train, out, stage=stage, cls=cls, **extra)
 
 
 class FiniteLoss:
-    """Trainer mixin: stop at the first NaN/inf loss with :class:`rahf.training.TrainingError`."""
+    """Trainer mixin: stop at the first NaN/inf loss with :class:`rahf.trainer.TrainingError`."""
 
     stage = "baseline"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from rahf.training import check_finite
+        from rahf.trainer import check_finite
 
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         check_finite(result[0] if return_outputs else result, self, self.stage)
         return result
 
 
-def baseline_card(config: AlignConfig, method: Method, *, base: str, data_stats: dict, logs: dict) -> str:
+def baseline_card(config: BaselineConfig, method: Method, *, base: str, data_stats: dict, logs: dict) -> str:
     """The shared model card, filled in for a baseline."""
     import trl
 
     from rahf.export import model_card
 
-    settings = config.baseline
+    settings = config
     weights = (
         "full fine-tuning"
         if settings.full_finetune

@@ -9,7 +9,7 @@ At the start pi == pi_ref, so the first loss is log 2 ~= 0.6931. TRL logs ``rewa
 ``rewards/rejected``, ``rewards/accuracies`` (share with r(y+) > r(y-)) and ``rewards/margins``.
 
 The reference is never a second copy with LoRA: TRL computes it with the adapter disabled.
-``baseline.precompute_ref_log_probs`` makes TRL compute it once over the training set before
+``precompute_ref_log_probs`` (rahf baseline dpo) makes TRL compute it once over the training set before
 training (supported with PEFT in TRL 1.16: adapter disabled then too).
 
 Data reach TRL in its conversational preference format (``prompt`` messages, ``chosen`` /
@@ -30,11 +30,11 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from rahf.baselines import FiniteLoss, train_and_save, trl_arguments
-from rahf.config import AlignConfig
+from rahf.config import BaselineConfig, LoraSettings, RunConfig, TrainSettings
 from rahf.data.render import encode_prompt, encode_reply
 from rahf.data.schema import PreferencePair
 from rahf.models import load_model
-from rahf.training import lora_config
+from rahf.trainer import lora_config
 
 
 def preference_dataset(pairs: Sequence[PreferencePair]) -> Dataset:
@@ -77,14 +77,30 @@ class GuardedDPOTrainer(FiniteLoss, DPOTrainer):
         return dataset.map(tokenize, remove_columns=dataset.column_names, desc=f"Tokenizing {dataset_name} pairs")
 
 
-def build_dpo_trainer(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> DPOTrainer:
-    """The trainer, ready to ``train()`` (reference log-probs already computed if precomputed)."""
-    model = load_model(config.model, dtype=config.dtype, device=config.device)
-    settings = config.baseline
+def build_dpo_trainer(
+    config: RunConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *,
+    train: TrainSettings | None = None, lora: LoraSettings | None | bool = True, beta: float | None = None,
+    precompute_ref_log_probs: bool | None = None, model_path: str | None = None,
+) -> DPOTrainer:
+    """The trainer, ready to ``train()`` (reference log-probs already computed if precomputed).
+
+    Settings default to the baseline's (``lora=True``: the baseline's LoRA unless it fine-tunes
+    every weight; None: full fine-tuning); Dual step 1 with ``step1.objective: preference`` passes
+    its own. ``model_path``: the model already resolved (default: ``config.model``).
+    """
+    if lora is True or train is None or beta is None or precompute_ref_log_probs is None:
+        settings = config  # a BaselineConfig: its own settings fill what the caller left out
+        lora = (None if settings.full_finetune else settings.lora) if lora is True else lora
+        train = train or settings.train
+        beta = settings.beta if beta is None else beta
+        precompute_ref_log_probs = (
+            settings.precompute_ref_log_probs if precompute_ref_log_probs is None else precompute_ref_log_probs
+        )
+    model = load_model(model_path or config.model, dtype=config.dtype, device=config.device)
     args = trl_arguments(
-        config, DPOConfig, out / "checkpoints", stage="dpo",
-        beta=settings.beta,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        config, DPOConfig, out / "checkpoints", stage="dpo", train=train,
+        beta=beta,
+        precompute_ref_log_probs=precompute_ref_log_probs,
         max_length=None,  # the windows are applied per prompt and per reply in _prepare_dataset
     )
     return GuardedDPOTrainer(
@@ -92,12 +108,12 @@ def build_dpo_trainer(config: AlignConfig, pairs: Sequence[PreferencePair], toke
         args=args,
         train_dataset=preference_dataset(pairs),
         processing_class=tokenizer,
-        peft_config=None if settings.full_finetune else lora_config(settings.lora),
+        peft_config=None if lora is None else lora_config(lora),
         max_prompt_tokens=config.max_prompt_tokens,
         max_reply_tokens=config.reply_window,
     )
 
 
-def dpo_stage(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> list[dict]:
+def dpo_stage(config: BaselineConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *, model_path: str | None = None) -> list[dict]:
     """Train (resuming from ``out/checkpoints``), save ``out/adapter`` or ``out/model``; return the log."""
-    return train_and_save(build_dpo_trainer(config, pairs, tokenizer, out), out, tokenizer)
+    return train_and_save(build_dpo_trainer(config, pairs, tokenizer, out, model_path=model_path), out, tokenizer)

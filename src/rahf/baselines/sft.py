@@ -21,18 +21,18 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rahf.baselines import FiniteLoss, train_and_save, trl_arguments
-from rahf.config import AlignConfig
+from rahf.config import BaselineConfig
 from rahf.data.render import encode
 from rahf.data.schema import PreferencePair
 from rahf.models import load_model
-from rahf.training import lora_config
+from rahf.trainer import lora_config
 
 
 class GuardedSFTTrainer(FiniteLoss, SFTTrainer):
     stage = "sft"
 
 
-def sft_dataset(pairs: Sequence[PreferencePair], tokenizer, config: AlignConfig) -> Dataset:
+def sft_dataset(pairs: Sequence[PreferencePair], tokenizer, config: BaselineConfig) -> Dataset:
     """One example per pair: the prompt and its chosen reply, tokenised as align does."""
     rows = []
     for pair in pairs:
@@ -50,10 +50,13 @@ def sft_dataset(pairs: Sequence[PreferencePair], tokenizer, config: AlignConfig)
     return Dataset.from_list(rows)
 
 
-def build_sft_trainer(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> SFTTrainer:
-    """The trainer, ready to ``train()``: LoRA from ``baseline.lora`` unless ``full_finetune``."""
-    model = load_model(config.model, dtype=config.dtype, device=config.device)
-    settings = config.baseline
+def build_sft_trainer(
+    config: BaselineConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *, model_path: str | None = None
+) -> SFTTrainer:
+    """The trainer, ready to ``train()``: LoRA from ``lora`` unless ``full_finetune``.
+    ``model_path``: the model already resolved (default: ``config.model``)."""
+    model = load_model(model_path or config.model, dtype=config.dtype, device=config.device)
+    settings = config
     args = trl_arguments(
         config, SFTConfig, out / "checkpoints", stage="sft",
         max_length=None,  # encode() already applied the windows
@@ -68,6 +71,6 @@ def build_sft_trainer(config: AlignConfig, pairs: Sequence[PreferencePair], toke
     )
 
 
-def sft_stage(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> list[dict]:
+def sft_stage(config: BaselineConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *, model_path: str | None = None) -> list[dict]:
     """Train (resuming from ``out/checkpoints``), save ``out/adapter`` or ``out/model``; return the log."""
-    return train_and_save(build_sft_trainer(config, pairs, tokenizer, out), out, tokenizer)
+    return train_and_save(build_sft_trainer(config, pairs, tokenizer, out, model_path=model_path), out, tokenizer)

@@ -10,7 +10,8 @@ import statistics
 import sys
 from typing import TYPE_CHECKING, Any
 
-from rahf.data.formats import FORMATS
+from rahf.config import AlignConfig
+from rahf.config_loader import add_config_options, add_flags, flag, layers_from_args, load
 from rahf.data.readers import load_preferences
 from rahf.data.render import encode_prompt, encode_reply
 from rahf.data.schema import LoadResult
@@ -22,6 +23,29 @@ if TYPE_CHECKING:
 PROGRESS_MIN_PAIRS = 500  # show a progress bar when tokenising more pairs than this
 SHOWN_INVALID_ROWS = 10  # invalid rows listed in the text report (--json lists all)
 UNLIMITED = 1 << 30  # a token window that never truncates, for measuring full lengths
+
+
+# `rahf data inspect` measures what `rahf align` would train on: its flags are align's keys.
+INSPECT_FLAGS = [
+    flag("--format", "data_format", help="row layout (default: detect it from the first row)"),
+    flag("--columns", "data_columns", metavar="KEY=COLUMN,...",
+         help="the file's column names, e.g. prompt=question,chosen=good,rejected=bad"),
+    flag("--skip-invalid", switch=True, help="skip and count invalid rows instead of stopping at the first one"),
+    flag("--model", help="model name or folder whose tokenizer measures lengths (default: smollm2)"),
+    flag("--max-prompt-tokens", metavar="N", help="prompt token window to count truncations against (default: 256)"),
+    flag("--max-reply-tokens", metavar="N",
+         help="reply token window, EOS included, to count truncations against (default: align's, 64 for Dual)"),
+    flag("--split", "data_split", help="split of a dataset dict or hub dataset (default: train)"),
+    flag("--validation-fraction", metavar="F", help="share of prompts align holds out, for the split counts (default: 0.1)"),
+    flag("--disjoint-share", "patterns.disjoint_share", metavar="F",
+         help="patterns.disjoint_share: share of training prompts that feed only steps 2-3 (default: 0.5)"),
+    flag("--seed", help="split seed, as align's seed (default: 0)"),
+]
+
+
+def inspect_config(args: argparse.Namespace) -> AlignConfig:
+    """The align settings ``data inspect`` measures with: defaults <- --config <- --set <- flags <- DATA."""
+    return load(AlignConfig, layers_from_args(args) + [("DATA", {"data": args.data})])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,43 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " many prompts/replies the token windows would truncate.",
     )
     inspect.add_argument("data", metavar="DATA", help="a data file, saved dataset folder, hub id or 'builtin'")
-    inspect.add_argument(
-        "--format", choices=["auto", *FORMATS], default="auto",
-        help="row layout (default: detect it from the first row)",
-    )
-    inspect.add_argument(
-        "--columns", metavar="KEY=COLUMN,...",
-        help="the file's column names, e.g. prompt=question,chosen=good,rejected=bad",
-    )
-    inspect.add_argument(
-        "--skip-invalid", action="store_true",
-        help="skip and count invalid rows instead of stopping at the first one",
-    )
+    add_config_options(inspect, what="its data settings, windows and split are what align would use;"
+                       " flags and --set override it", example="max_reply_tokens=128")
+    add_flags(inspect, AlignConfig, INSPECT_FLAGS)
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    inspect.add_argument(
-        "--model", default="smollm2",
-        help="model name or folder whose tokenizer measures lengths (default: smollm2)",
-    )
-    inspect.add_argument(
-        "--max-prompt-tokens", type=int, default=256, metavar="N",
-        help="prompt token window to count truncations against (default: 256)",
-    )
-    inspect.add_argument(
-        "--max-reply-tokens", type=int, default=64, metavar="N",
-        help="reply token window, EOS included, to count truncations against (default: 64)",
-    )
-    inspect.add_argument("--split", help="split of a dataset dict or hub dataset (default: train)")
     inspect.add_argument("--config-name", help="hub dataset configuration name")
     inspect.add_argument("--limit", type=int, metavar="N", help="stop after N valid pairs")
-    inspect.add_argument(
-        "--validation-fraction", type=float, default=0.1, metavar="F",
-        help="share of prompts align holds out, for the split counts (default: 0.1)",
-    )
-    inspect.add_argument(
-        "--disjoint-share", type=float, default=0.5, metavar="F",
-        help="patterns.disjoint_share: share of training prompts that feed only steps 2-3 (default: 0.5)",
-    )
-    inspect.add_argument("--seed", type=int, default=0, help="split seed, as align's seed (default: 0)")
     inspect.set_defaults(func=run_inspect)
 
 
@@ -92,20 +85,21 @@ def run_inspect(args: argparse.Namespace) -> int:
     """Load, measure, print; all numbers come from ``inspect_report``."""
     from rahf.models import load_tokenizer
 
+    config = inspect_config(args)
     result = load_preferences(
-        args.data, format=args.format, skip_invalid=args.skip_invalid, split=args.split,
-        config_name=args.config_name, limit=args.limit, columns=args.columns,
+        config.data, format=config.data_format, skip_invalid=config.skip_invalid, split=config.data_split,
+        config_name=args.config_name, limit=args.limit, columns=config.data_columns,
     )
     # keep stdout pure JSON: a first-use model conversion prints a note
     with contextlib.redirect_stdout(sys.stderr):
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(config.model)
     report = inspect_report(
-        result, tokenizer, max_prompt_tokens=args.max_prompt_tokens,
-        max_reply_tokens=args.max_reply_tokens,
+        result, tokenizer, max_prompt_tokens=config.max_prompt_tokens, max_reply_tokens=config.reply_window,
     )
-    report["model"] = args.model
+    report["model"] = config.model
     report["split"] = split_counts(
-        result.pairs, validation_fraction=args.validation_fraction, share=args.disjoint_share, seed=args.seed
+        result.pairs, validation_fraction=config.validation_fraction, share=config.patterns.disjoint_share,
+        seed=config.seed,
     )
     print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
     return 0

@@ -95,7 +95,7 @@ def render_prompt(tokenizer: Tokenizer, prompt: Sequence[Message], *, instructio
     """The prompt as text, ending where the reply starts (see the module docstring for the layout)."""
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
     if not has_chat_template(tokenizer):
-        return _render_plain(messages, instruction)
+        return render_plain(messages, instruction=instruction)
     if instruction:  # None or "" adds nothing
         if messages and messages[0]["role"] == "system":
             messages[0]["content"] = instruction + SEPARATOR + messages[0]["content"]
@@ -117,7 +117,12 @@ def _apply_template(tokenizer: Tokenizer, messages: list[Message]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _render_plain(messages: list[Message], instruction: str | None) -> str:
+def render_plain(messages: Sequence[Message], *, instruction: str | None = None) -> str:
+    """The plain layout for tokenizers without a chat template, ending with ``"Assistant:"``.
+
+    The only writer of ``Human:`` / ``Assistant:`` text: prompts here, and reward-model inputs
+    (``rahf.evaluate.reward``: this text, ``" " + reply``, EOS).
+    """
     parts = [instruction + SEPARATOR] if instruction else []
     for message in messages:
         if message["role"] == "system":

@@ -45,7 +45,7 @@ def disjoint_halves(
     """``(step1, patterns)``: prompt-disjoint, each in input order; a pair goes to the patterns
     half iff ``sha256(f"{seed}\\0patterns\\0{prompt_text}")`` in [0, 1) is below ``share``.
 
-    Patterns read on replies step 1 trained on partly encode memorisation (METHOD.md, "Which
+    Patterns read on replies step 1 trained on partly encode memorisation (docs/method.md, "Which
     pairs feed which step"); the reference splits UltraFeedback by prompt the same way.
     ``share`` 0 returns every pair in both lists: today's behaviour.
     """

@@ -5,11 +5,12 @@
                                  pairs=["dev.jsonl.gz"], prompts=["questions.jsonl"], out="eval/a"))
     write_report("eval/a", report)  # report.json, report.md, report.html, PNG plots
 
-Modules, in the order a report is built: ``preference`` (held-out preference accuracy, implicit
-reward), ``prompts`` + ``generation`` (cached, batched replies; MT-Bench turn by turn),
-``reward`` (reward-model scores, win rates) and ``reward_model`` (``rahf train-rm``),
-``behaviour`` (length, repetition, refusals, offensive language), ``stats`` (bootstrap
-intervals, length-controlled win rate), ``run`` (the whole evaluation), ``report`` + ``plots``.
+Modules, in the order a report is built: ``scoring`` (reply log-likelihoods) + ``preference``
+(held-out preference accuracy, implicit reward), ``prompts`` + ``generation`` (cached, batched
+replies; MT-Bench turn by turn), ``reward`` (reward-model scores, win rates) and ``reward_model``
+(``rahf train-rm``), ``behaviour`` (length, repetition, refusals, offensive language), ``stats``
+(bootstrap intervals, length-controlled win rate), ``run`` (the whole evaluation), ``schema``
+(the typed report, ``EvalReport``), ``report`` + ``html_report`` + ``plots`` (its files).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 # Imported on first use, so that `rahf --help` does not load torch and transformers.
 _EXPORTS = {
     "EvalConfig": "rahf.evaluate.run",
+    "EvalReport": "rahf.evaluate.schema",
     "run_eval": "rahf.evaluate.run",
     "write_report": "rahf.evaluate.report",
     "read_report": "rahf.evaluate.report",

@@ -1,7 +1,8 @@
 """CLI: ``rahf eval``, ``rahf eval compare``, ``rahf generate``, ``rahf train-rm``.
 
 Each command parses its flags into the same dataclass the Python API takes, runs it, and prints;
-no logic lives only here.
+no logic lives only here. ``eval`` and ``train-rm`` read their dataclass through
+:mod:`rahf.config_loader`: defaults <- ``--config`` files <- ``--set key=value`` <- flags.
 """
 
 from __future__ import annotations
@@ -12,6 +13,16 @@ import json
 import sys
 
 from rahf.config import ConfigError
+from rahf.config_loader import (
+    Flag,
+    add_config_options,
+    add_flags,
+    field_flags,
+    flag,
+    given,
+    layers_from_args,
+    load,
+)
 
 EVAL_EPILOG = """\
 usage patterns:
@@ -40,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_eval_arguments(ev)
+    add_eval_arguments(ev)
     ev.set_defaults(func=cmd_eval)
     actions = ev.add_subparsers(dest="eval_command", metavar="{compare}")
     cmp = actions.add_parser(
@@ -60,15 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " {prompt}, {messages} or MT-Bench {question_id, turns}; turns are answered in order).",
     )
     gen.add_argument("--model", default="smollm2", help="model name, folder, hub id or adapter folder")
-    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a user prompt (repeatable)")
-    gen.add_argument("--prompts", metavar="FILE", help="a prompt file")
-    gen.add_argument("--limit", type=int, metavar="N", help="first N prompts of the file")
+    add_prompt_arguments(gen)
     _add_generation_arguments(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per reply")
-    gen.add_argument("--steer", metavar="FILE", help="add a steering vector file (rahf scan / compose, or a"
-                     " llama.cpp control-vector .gguf) to the residual stream while generating")
-    gen.add_argument("--strength", type=float, help="with --steer: multiples of the vector as read (default: the file's)")
-    gen.add_argument("--layers", help="with --steer: hidden_states indices, e.g. 11,13,15 (default: the file's)")
+    add_steer_arguments(gen, required=False)
     gen.set_defaults(func=cmd_generate)
 
     rm = subparsers.add_parser(
@@ -78,32 +84,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " by prompt, save it (LoRA merged) to --out with metrics.json: held-out accuracy and the"
         " 'longer reply wins' baseline.",
     )
-    rm.add_argument("--data", required=True, help="preference data file, folder, hub id or 'builtin'")
-    rm.add_argument("--model", default="smollm2", help="backbone (default: smollm2)")
-    rm.add_argument("--out", required=True, metavar="DIR", help="folder for the reward model")
-    method = rm.add_mutually_exclusive_group()
-    method.add_argument("--lora", dest="method", action="store_const", const="lora",
-                        help="LoRA on all linear layers + score head (default)")
-    method.add_argument("--head-only", dest="method", action="store_const", const="head-only",
-                        help="train only the score head on a frozen backbone (fast)")
-    rm.set_defaults(method="lora")
-    rm.add_argument("--lora-layers", type=int, metavar="N",
-                    help="LoRA only in the top N blocks (default: all; fewer is faster on a CPU)")
-    rm.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out (default 0.1)")
-    rm.add_argument("--epochs", type=float, default=1.0)
-    rm.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
-    rm.add_argument("--lr", type=float, help="learning rate (default 2e-4 LoRA, 1e-3 head-only)")
-    rm.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    rm.add_argument("--limit", type=int, metavar="N", help="use the first N valid pairs")
-    rm.add_argument("--max-length", type=int, default=512, help="tokens per (prompt, reply) input")
-    rm.add_argument("--max-reply-tokens", type=int, default=256)
-    rm.add_argument("--format", default="auto", help="data format (default: detect)")
-    rm.add_argument("--columns", metavar="KEY=COLUMN,...",
-                    help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad")
-    rm.add_argument("--no-skip-invalid", dest="skip_invalid", action="store_false",
-                    help="stop at the first invalid row instead of skipping it")
-    rm.add_argument("--seed", type=int, default=0)
+    add_train_rm_arguments(rm)
     rm.set_defaults(func=cmd_train_rm)
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prompt TEXT`` (repeatable), ``--prompts FILE`` and ``--limit N``: what to generate on."""
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a user prompt (repeatable)")
+    parser.add_argument("--prompts", metavar="FILE", help="a prompt file (JSONL of {prompt}, {messages} or MT-Bench)")
+    parser.add_argument("--limit", type=int, metavar="N", help="first N prompts of the file")
+
+
+def prompt_items(args: argparse.Namespace) -> list:
+    """The ``--prompt`` texts, then the ``--prompts`` file's items."""
+    from rahf.evaluate.prompts import PromptItem, load_prompts
+
+    items = [PromptItem(id=f"prompt-{i}", messages=({"role": "user", "content": text},))
+             for i, text in enumerate(args.prompt)]
+    if args.prompts:
+        items += load_prompts(args.prompts, limit=args.limit).items
+    return items
+
+
+def add_steer_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--steer FILE [--strength S] [--layers L,...]``: a vector added to the residual stream."""
+    parser.add_argument("--steer", required=required, metavar="FILE",
+                        help="a steering vector file (rahf scan / compose vectors.safetensors, or a llama.cpp"
+                        " control-vector .gguf) added to the residual stream while generating")
+    parser.add_argument("--strength", type=float,
+                        help="multiples of the vector as read (default: the file's suggestion)")
+    parser.add_argument("--layers", help="comma-separated hidden_states indices, e.g. 11,13,15 (default: the file's)")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,53 +131,97 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
 
 
-def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="the model to evaluate (required unless `compare`)")
-    parser.add_argument("--baseline", help="a model to compare against")
-    parser.add_argument("--reference", help="reference model for DPO implicit-reward accuracy and margin")
-    parser.add_argument("--pairs", action="append", default=[], metavar="FILE", help="preference data (repeatable)")
-    parser.add_argument("--prompts", action="append", default=[], metavar="FILE", help="prompts to generate on (repeatable)")
-    parser.add_argument("--harmful-prompts", action="append", default=[], metavar="FILE",
-                        help="prompts that are all harmful requests (refusal rate; repeatable)")
-    parser.add_argument("--reward-model", metavar="RM", help="sequence-classification reward model (folder or hub id)")
-    parser.add_argument("--limit", type=int, metavar="N", help="first N valid pairs / prompts per file")
-    parser.add_argument("--no-skip-invalid", dest="skip_invalid", action="store_false",
-                        help="stop at the first invalid pair row (default: skip and count them)")
-    parser.add_argument("--columns", metavar="KEY=COLUMN,...",
-                        help="column names of the --pairs files, e.g. prompt=question,chosen=good,rejected=bad")
-    parser.add_argument("--max-prompt-tokens", type=int, default=256, metavar="N")
-    parser.add_argument("--max-reply-tokens", type=int, default=256, metavar="N", help="reply tokens scored per pair")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+# Flags of `rahf eval`: one per EvalConfig field (help from the field), under these names.
+EVAL_OPTIONS = {"do_sample": "--sample", "steer_strength": "--strength", "steer_layers": "--layers"}
+EVAL_METAVARS = {
+    "pairs": "FILE", "prompts": "FILE", "harmful_prompts": "FILE", "steer": "FILE", "reward_model": "RM",
+    "out": "DIR", "cache_dir": "DIR", "columns": "KEY=COLUMN,...", "limit": "N", "max_new_tokens": "N",
+    "max_prompt_tokens": "N", "max_reply_tokens": "N",
+}
+EVAL_HELPS = {
+    "skip_invalid": "stop at the first invalid pair row (default: skip and count them)",
+    "cache": "always generate (default: reuse replies cached on disk)",
+    "temperature": "with --sample", "top_p": "with --sample",
+    "steer_strength": "with --steer: multiples of the vector as read (default: the file's)",
+    "steer_layers": "with --steer: hidden_states indices, e.g. 11,13,15 (default: the file's)",
+}
+
+
+def eval_flags() -> list[Flag]:
+    from rahf.evaluate.settings import EvalConfig
+
+    flags = field_flags(EvalConfig, skip={"progress"}, options=EVAL_OPTIONS, metavars=EVAL_METAVARS, helps=EVAL_HELPS)
+    return [*flags, flag("--quiet", "progress", switch=True, value=False, help="no progress bars, no tables")]
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from rahf.evaluate.settings import EvalConfig
+
+    add_config_options(parser, example="resamples=200")
+    add_flags(parser, EvalConfig, eval_flags())
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, no tables")
-    parser.add_argument("--out", metavar="DIR", help="report folder (required unless `compare`)")
-    parser.add_argument("--steer", metavar="FILE", help="steer the evaluated model (not --baseline) with this vector"
-                        " file while scoring and generating: the inference-time steering baseline")
-    parser.add_argument("--strength", type=float, help="with --steer: multiples of the vector (default: the file's)")
-    parser.add_argument("--layers", help="with --steer: hidden_states indices, e.g. 11,13,15 (default: the file's)")
-    _add_generation_arguments(parser)
+
+
+def eval_config(args: argparse.Namespace):
+    """The EvalConfig of ``rahf eval``: defaults <- --config files <- --set <- flags."""
+    from rahf.evaluate.settings import EvalConfig
+
+    layers = layers_from_args(args)
+    if not (given(layers, "model") and given(layers, "out")):
+        raise ConfigError("rahf eval needs --model and --out (or: rahf eval compare DIR ...)")
+    return load(EvalConfig, layers)
+
+
+TRAIN_RM_FLAGS = [
+    flag("--data", help="preference data file, folder, hub id or 'builtin'"),
+    flag("--model", help="backbone (default: smollm2)"),
+    flag("--out", metavar="DIR", help="folder for the reward model"),
+    flag("--lora", "method", switch=True, value="lora", group="method",
+         help="LoRA on all linear layers + score head (default)"),
+    flag("--head-only", "method", switch=True, value="head-only", group="method",
+         help="train only the score head on a frozen backbone (fast)"),
+    flag("--lora-layers", metavar="N", help="LoRA only in the top N blocks (default: all; fewer is faster on a CPU)"),
+    flag("--val-fraction", "validation_fraction", help="share of prompts held out (default 0.1)"),
+    flag("--epochs", help="passes over the training pairs (default 1)"),
+    flag("--max-steps", help="> 0 overrides --epochs"),
+    flag("--lr", "learning_rate", help="learning rate (default 2e-4 LoRA, 1e-3 head-only)"),
+    flag("--batch-size", help="pairs per step (default 8)"),
+    flag("--limit", metavar="N", help="use the first N valid pairs"),
+    flag("--max-length", help="tokens per (prompt, reply) input (default 512)"),
+    flag("--max-reply-tokens", help="reply tokens per input (default 256)"),
+    flag("--format", "data_format", help="data format (default: detect)"),
+    flag("--columns", metavar="KEY=COLUMN,...",
+         help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad"),
+    flag("--no-skip-invalid", "skip_invalid", switch=True, value=False,
+         help="stop at the first invalid row instead of skipping it"),
+    flag("--seed", help="seed of the split, the LoRA init and the data order (default 0)"),
+]
+
+
+def add_train_rm_arguments(parser: argparse.ArgumentParser) -> None:
+    from rahf.evaluate.settings import RewardModelConfig
+
+    add_config_options(parser, example="lora_r=8")
+    add_flags(parser, RewardModelConfig, TRAIN_RM_FLAGS)
+
+
+def train_rm_config(args: argparse.Namespace):
+    """The RewardModelConfig of ``rahf train-rm``: defaults <- --config files <- --set <- flags."""
+    from rahf.evaluate.settings import RewardModelConfig
+
+    layers = layers_from_args(args)
+    if not (given(layers, "data") and given(layers, "out")):
+        raise ConfigError("rahf train-rm needs --data and --out (flags, --set or a --config file)")
+    return load(RewardModelConfig, layers)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rahf.evaluate.report import to_markdown, write_report
-    from rahf.evaluate.run import EvalConfig, run_eval
+    from rahf.evaluate.run import run_eval
 
-    if not args.model or not args.out:
-        raise ConfigError("rahf eval needs --model and --out (or: rahf eval compare DIR ...)")
-    config = EvalConfig(
-        model=args.model, out=args.out, baseline=args.baseline, reference=args.reference,
-        pairs=args.pairs, prompts=args.prompts, harmful_prompts=args.harmful_prompts,
-        reward_model=args.reward_model, limit=args.limit, skip_invalid=args.skip_invalid,
-        columns=args.columns, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-        top_p=args.top_p, instruction=args.instruction, batch_size=args.batch_size,
-        max_prompt_tokens=args.max_prompt_tokens, max_reply_tokens=args.max_reply_tokens,
-        seed=args.seed, resamples=args.resamples, cache=args.cache, cache_dir=args.cache_dir,
-        steer=args.steer, steer_strength=args.strength, steer_layers=args.layers,
-        device=args.device, dtype=args.dtype, progress=not args.quiet,
-    )
+    config = eval_config(args)
     report = run_eval(config)
-    paths = write_report(args.out, report, plots=args.plots)
+    paths = write_report(config.out, report, plots=args.plots)
     if not args.quiet:
         print(to_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
@@ -185,12 +239,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rahf.data.schema import DataError
     from rahf.evaluate.generation import GenerationCache, generate_turns
     from rahf.evaluate.loading import load_for_eval
-    from rahf.evaluate.prompts import PromptItem, load_prompts
 
-    items = [PromptItem(id=f"prompt-{i}", messages=({"role": "user", "content": text},))
-             for i, text in enumerate(args.prompt)]
-    if args.prompts:
-        items += load_prompts(args.prompts, limit=args.limit).items
+    items = prompt_items(args)
     if not items:
         raise DataError("nothing to generate: give --prompt TEXT and/or --prompts FILE")
     model, tokenizer, info = load_for_eval(args.model, device=args.device)
@@ -219,21 +269,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
-    from rahf.evaluate.reward_model import RewardModelConfig, train_reward_model
+    from rahf.evaluate.reward_model import train_reward_model
     from rahf.evaluate.stats import Estimate
 
-    config = RewardModelConfig(
-        data=args.data, out=args.out, model=args.model, method=args.method, data_format=args.format,
-        columns=args.columns, skip_invalid=args.skip_invalid, limit=args.limit, validation_fraction=args.val_fraction,
-        epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, lora_layers=args.lora_layers,
-        batch_size=args.batch_size, max_length=args.max_length,
-        max_reply_tokens=args.max_reply_tokens, seed=args.seed,
-    )
+    config = train_rm_config(args)
     metrics = train_reward_model(config)
     accuracy = Estimate.from_dict(metrics["validation_accuracy"])
     longer = Estimate.from_dict(metrics["longer_wins_accuracy"])
     print(
-        f"reward model -> {args.out}: {metrics['n_train']} train / {metrics['n_validation']} validation pairs,"
+        f"reward model -> {config.out}: {metrics['n_train']} train / {metrics['n_validation']} validation pairs,"
         f" {metrics['steps']} steps, {metrics['train_seconds']:.0f} s\n"
         f"held-out accuracy {accuracy}; 'longer reply wins' {longer} (95% bootstrap CI)"
     )

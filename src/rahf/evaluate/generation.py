@@ -27,6 +27,7 @@ from transformers import GenerationConfig
 from rahf.data.render import encode_prompt
 from rahf.data.schema import Message
 from rahf.evaluate.prompts import PromptItem
+from rahf.hidden_states import pad_ids
 from rahf.io import atomic_write_json
 from rahf.models import cache_dir
 
@@ -141,14 +142,9 @@ def generate(
     model.eval()
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
-        width = max(len(prompt_ids[i]) for i in batch)
         # Left padding: (batch, width), real tokens flush right so new tokens share a column.
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = prompt_ids[i]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = pad_ids([prompt_ids[i] for i in batch], pad, side="left")
+        width = input_ids.shape[1]
         if do_sample:
             torch.manual_seed(seed)
         out = model.generate(

@@ -30,11 +30,11 @@ from rahf.evaluate.behaviour import (
     repetition_rate,
 )
 from rahf.evaluate.report import sections, title
+from rahf.evaluate.schema import MODEL_ROLES, EvalReport, as_report
 
 REPORT_HTML = "report.html"
 GENERATIONS = "generations.jsonl"
 REPETITION_FLAG = 0.1  # a reply whose repeated 4-gram share reaches this is flagged
-ROLES = ("model", "baseline", "reference", "reward_model")  # display order (report.json sorts keys)
 
 CSS = """
 :root { --fg:#1d2430; --muted:#5b6576; --line:#d9dee7; --bg:#f6f7f9; --card:#fff;
@@ -106,7 +106,8 @@ SCRIPT = """
 
 
 def _role_rank(role: str) -> int:
-    return ROLES.index(role) if role in ROLES else len(ROLES)
+    """Display order of a model role (report.json sorts its keys)."""
+    return MODEL_ROLES.index(role) if role in MODEL_ROLES else len(MODEL_ROLES)
 
 
 def _e(value: Any) -> str:
@@ -156,7 +157,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _metrics(report: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _metrics(report: EvalReport) -> tuple[list[str], list[str]]:
     """HTML of the metric sections and of the provenance section (shown last)."""
     parts, provenance = [], []
     for section in sections(report):
@@ -223,38 +224,39 @@ def _card(key: tuple[str, int], replies: dict[str, Mapping], roles: list[str], s
     )
 
 
-def _generations(report: dict[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:
+def _generations(report: EvalReport, records: Sequence[Mapping[str, Any]]) -> list[str]:
     # only replies this report measured: a generations.jsonl left by an older run is ignored
-    wanted = {(e["source"], e["model"]) for e in report.get("generation", [])}
+    wanted = {(e.source, e.model) for e in report.generation}
     records = [r for r in records if (r.get("source"), r.get("model")) in wanted]
     if not records:
         return []
     probabilities = offensive_probabilities([r.get("reply") or "" for r in records])
     records = [dict(r, offensive=bool(p >= OFFENSIVE_THRESHOLD)) for r, p in zip(records, probabilities, strict=True)]
-    specs = {role: m.get("spec", "") for role, m in report.get("models", {}).items()}
+    specs = {role: m.spec for role, m in report.models.items()}
     parts = ['<h2 id="generations">Generations</h2>',
              '<p class="note">One card per prompt (and turn); type in the filter box above to keep the'
              " cards containing every word typed (prompt, reply or flag, e.g. <code>hit limit</code>,"
              " <code>refusal</code>).</p>"]
     for source, prompts in _group(records).items():
-        roles = sorted((e["model"] for e in report.get("generation", []) if e["source"] == source), key=_role_rank)
+        roles = sorted((e.model for e in report.generation if e.source == source), key=_role_rank)
         parts.append(f"<h3>{_e(source)} <span class=\"meta\">({len(prompts)} prompts)</span></h3>")
         parts += [_card(key, replies, roles, specs) for key, replies in prompts.items()]
     return parts
 
 
 def to_html(
-    report: dict[str, Any],
+    report: EvalReport | dict[str, Any],
     generations: Sequence[Mapping[str, Any]] = (),
     images: Mapping[str, bytes] | None = None,
 ) -> str:
     """The whole page. ``generations``: records of generations.jsonl; ``images``: name -> PNG."""
+    report = as_report(report)
     metrics, provenance = _metrics(report)
     heading = title(report).replace("`", "")
     plots, replies = _plots(images or {}), _generations(report, generations)
-    models = sorted(report.get("models", {}).items(), key=lambda item: _role_rank(item[0]))
-    who = " · ".join(f"{role}: <code>{_e(m.get('spec', ''))}</code>" for role, m in models)
-    created = report.get("environment", {}).get("created")
+    models = sorted(report.models.items(), key=lambda item: _role_rank(item[0]))
+    who = " · ".join(f"{role}: <code>{_e(m.spec)}</code>" for role, m in models)
+    created = report.environment.get("created")
     links = [("metrics", "Metrics"), *([("plots", "Plots")] if plots else []),
              *([("generations", "Generations")] if replies else []), ("provenance", "Provenance")]
     top = [f'<p class="sub">{who}{f" · created {_e(created)}" if created else ""}</p>',

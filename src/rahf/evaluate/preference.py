@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from rahf.data.schema import PreferencePair
+from rahf.evaluate.scoring import PairScores, score_pairs
 from rahf.evaluate.stats import DEFAULT_RESAMPLES, Estimate, bootstrap
-from rahf.scoring import PairScores, score_pairs
 
 
 @dataclass
@@ -101,7 +101,7 @@ def preference_accuracy(
 ) -> PreferenceResult:
     """Score every pair under ``model`` (and ``reference``) and report the accuracies.
 
-    Pass ``reference_scores`` (from ``rahf.scoring.score_pairs``) instead of ``reference`` to
+    Pass ``reference_scores`` (from ``rahf.evaluate.scoring.score_pairs``) instead of ``reference`` to
     score the reference once for several models. Replies longer than ``max_reply_tokens`` are
     scored on their first tokens only. ``instruction`` is a system prompt for ``model`` only
     (the reference is scored without it).

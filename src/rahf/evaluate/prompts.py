@@ -22,9 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rahf.data.formats import ROLES
 from rahf.data.schema import DataError, Message
-
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ test time exactly what it saw in training):
 
 * with a chat template: ``apply_chat_template(prompt + [assistant reply], tokenize=False)``
   (no generation prompt: the reply is part of the conversation);
-* without one: ``Human: ...\\n\\nAssistant: ...`` turns, the reply as the last Assistant turn,
-  then EOS.
+* without one: the plain ``Human: ...\\n\\nAssistant: ...`` layout of training prompts
+  (``rahf.data.render.render_plain``), the reply as the last Assistant turn, then EOS.
 
 Replies are cut to their first ``max_reply_tokens`` tokens and the oldest prompt tokens are cut
 so the whole fits ``max_length``. The reward is the model's single logit, read (by transformers)
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rahf.data.render import has_chat_template
+from rahf.data.render import has_chat_template, render_plain
 from rahf.data.schema import Message, PreferencePair
 from rahf.evaluate.stats import (
     DEFAULT_RESAMPLES,
@@ -31,9 +31,8 @@ from rahf.evaluate.stats import (
     length_controlled_win_rate,
     win_outcomes,
 )
+from rahf.hidden_states import pad_ids
 from rahf.models import ModelError, resolve_model_path, torch_dtype
-
-SEPARATOR = "\n\n"
 
 
 @dataclass
@@ -72,12 +71,7 @@ def render_for_reward(tokenizer, prompt: Sequence[Message], reply: str) -> str:
     if has_chat_template(tokenizer):
         messages.append({"role": "assistant", "content": reply})
         return tokenizer.apply_chat_template(messages, tokenize=False)
-    parts = []
-    for m in messages:
-        role = {"user": "Human: ", "assistant": "Assistant: "}.get(m["role"], "")
-        parts.append(role + m["content"])
-    parts.append("Assistant: " + reply)
-    return SEPARATOR.join(parts) + (tokenizer.eos_token or "")
+    return render_plain(messages) + " " + reply + (tokenizer.eos_token or "")
 
 
 def reward_input_ids(
@@ -123,13 +117,8 @@ def score_rewards(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
         # Right padding: the classifier reads the last non-pad token of each row.
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            attention_mask[row, : len(encoded[i])] = 1
+        input_ids, attention_mask = pad_ids([encoded[i] for i in idx], pad)
         logits = rm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         scores[idx] = logits[:, 0].float().cpu().numpy()
     return scores

@@ -20,9 +20,7 @@ import dataclasses
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -31,72 +29,10 @@ from rahf.data import load_preferences, split_pairs
 from rahf.data.schema import DataError, PreferencePair
 from rahf.evaluate.report import environment
 from rahf.evaluate.reward import RewardModel, pairwise_accuracy, reward_input_ids
-from rahf.evaluate.stats import DEFAULT_RESAMPLES
+from rahf.evaluate.settings import RewardModelConfig
+from rahf.hidden_states import decoder_blocks
 from rahf.io import atomic_dir, atomic_write_json, file_digest
 from rahf.models import load_tokenizer, resolve_model_path
-from rahf.plumbing import decoder_blocks
-
-Method = Literal["lora", "head-only"]
-
-
-@dataclass
-class RewardModelConfig:
-    """Settings of one reward-model training run (saved into metrics.json)."""
-
-    data: str = field(metadata={"help": "preference data: file, folder, hub id or 'builtin'"})
-    out: str = field(metadata={"help": "folder to write the reward model and metrics.json to"})
-    model: str = field(default="smollm2", metadata={"help": "backbone: hub id, folder or 'smollm2'"})
-    method: Method = field(default="lora", metadata={"help": "lora (+ score head) or head-only"})
-    data_format: str = "auto"
-    skip_invalid: bool = field(default=True, metadata={"help": "skip (and count) invalid rows"})
-    columns: str | dict[str, str] | None = field(
-        default=None, metadata={"help": "the data's column names: 'prompt=question,chosen=good,rejected=bad'"}
-    )
-    limit: int | None = field(default=None, metadata={"help": "use the first N valid pairs"})
-    validation_fraction: float = 0.1
-    epochs: float = 1.0
-    max_steps: int = field(default=-1, metadata={"help": "> 0 overrides epochs"})
-    learning_rate: float | None = field(
-        default=None, metadata={"help": "default 2e-4 for lora, 1e-3 for head-only"}
-    )
-    batch_size: int = 8
-    grad_accum: int = 1
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_layers: int | None = field(
-        default=None,
-        metadata={"help": "LoRA only in the top N decoder blocks (backward stops there; faster)"},
-    )
-    max_length: int = 512
-    max_reply_tokens: int = 256
-    seed: int = 0
-    resamples: int = DEFAULT_RESAMPLES
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in ("lora", "head-only"):
-            raise ConfigError(f"method must be 'lora' or 'head-only', got {self.method!r}")
-        if not 0 < self.validation_fraction < 1:
-            raise ConfigError(
-                f"validation fraction must be in (0, 1) to measure held-out accuracy, got {self.validation_fraction}"
-            )
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be >= 1 (or -1 to use epochs), got {self.max_steps}")
-        if self.limit is not None and self.limit < 2:
-            raise ConfigError(f"limit must be >= 2 pairs, got {self.limit}")
-        for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "max_reply_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lora_layers is not None and self.lora_layers < 1:
-            raise ConfigError(f"lora_layers must be >= 1 (or unset for all blocks), got {self.lora_layers}")
-        if self.max_length < 16:
-            raise ConfigError(f"max_length must be >= 16 tokens, got {self.max_length}")
-
-    @property
-    def lr(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 2e-4 if self.method == "lora" else 1e-3
 
 
 def _tokenised(tokenizer, pairs: list[PreferencePair], config: RewardModelConfig):
@@ -157,6 +93,9 @@ def train_reward_model(config: RewardModelConfig) -> dict:
     """Train, evaluate on held-out prompts, save the merged RM and metrics.json; return metrics."""
     from trl import RewardConfig, RewardTrainer
 
+    from rahf.config import TrainSettings
+    from rahf.trainer import trainer_arguments
+
     started = time.time()
     loaded = load_preferences(config.data, format=config.data_format, skip_invalid=config.skip_invalid,
                               limit=config.limit, columns=config.columns)
@@ -171,23 +110,12 @@ def train_reward_model(config: RewardModelConfig) -> dict:
     model, peft_config = _backbone(config, tokenizer)
     work = Path(tempfile.mkdtemp(prefix="rahf-train-rm-"))
     cuda = torch.cuda.is_available()
-    args = RewardConfig(
-        output_dir=str(work),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
+    budget = TrainSettings(learning_rate=config.lr, epochs=config.epochs, max_steps=config.max_steps,
+                           batch_size=config.batch_size, grad_accum=config.grad_accum, lr_scheduler="linear")
+    args = trainer_arguments(  # the one Trainer-arguments builder (rahf.trainer)
+        budget, work, cls=RewardConfig, seed=config.seed, bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda, logging_steps=10, save_strategy="no", remove_unused_columns=True,
         max_length=None,  # inputs are already cut to config.max_length
-        activation_checkpointing=False,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
-        seed=config.seed,
         disable_tqdm=not config.progress,
     )
     train_started = time.time()

@@ -8,6 +8,7 @@ Stages, each only when its inputs are given: preference accuracy on every ``pair
 baseline; implicit reward with ``reference``), the reward model's own accuracy on those pairs,
 generation on every prompt file (model and baseline) with behaviour metrics, reward scores and
 the model-vs-baseline win rates. ``limit`` caps pairs / prompts per file (the first N valid).
+Each stage appends typed entries to one :class:`~rahf.evaluate.schema.EvalReport`.
 """
 
 from __future__ import annotations
@@ -20,99 +21,31 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from rahf.config import ConfigError
 from rahf.data import load_preferences
-from rahf.data.formats import parse_columns
 from rahf.evaluate.behaviour import behaviour_stats
 from rahf.evaluate.generation import GenerationCache, generate_turns
 from rahf.evaluate.loading import describe, load_for_eval
 from rahf.evaluate.preference import preference_accuracy
 from rahf.evaluate.prompts import load_prompts
-from rahf.evaluate.report import SCHEMA_VERSION, environment
+from rahf.evaluate.report import environment
 from rahf.evaluate.reward import compare, load_reward_model, pairwise_accuracy, score_rewards
-from rahf.evaluate.stats import DEFAULT_RESAMPLES, bootstrap
+from rahf.evaluate.schema import (
+    ComparisonEntry,
+    DataEntry,
+    EvalReport,
+    GenerationEntry,
+    ModelEntry,
+    PreferenceEntry,
+    RewardModelAccuracyEntry,
+)
+from rahf.evaluate.scoring import score_pairs
+from rahf.evaluate.settings import EvalConfig
+from rahf.evaluate.stats import bootstrap
 from rahf.io import atomic_write_text, file_digest
-from rahf.scoring import score_pairs
-
-
-@dataclass
-class EvalConfig:
-    """Everything ``rahf eval`` needs; saved verbatim under ``settings`` in report.json."""
-
-    model: str = field(metadata={"help": "model to evaluate: 'smollm2', folder, hub id or adapter folder"})
-    out: str = field(default="eval", metadata={"help": "folder for report.json, report.md, PNGs"})
-    baseline: str | None = field(default=None, metadata={"help": "model to compare against"})
-    reference: str | None = field(default=None, metadata={"help": "reference for DPO implicit rewards"})
-    pairs: list[str] = field(default_factory=list, metadata={"help": "preference data files"})
-    prompts: list[str] = field(default_factory=list, metadata={"help": "prompt files to generate on"})
-    harmful_prompts: list[str] = field(
-        default_factory=list, metadata={"help": "prompt files whose prompts are all harmful requests"}
-    )
-    reward_model: str | None = field(default=None, metadata={"help": "sequence-classification RM"})
-    limit: int | None = field(default=None, metadata={"help": "first N pairs / prompts per file"})
-    skip_invalid: bool = field(default=True, metadata={"help": "skip and count invalid pair rows"})
-    columns: dict[str, str] | None = field(
-        default=None, metadata={"help": "pairs files' column names: 'prompt=question,chosen=good,rejected=bad'"}
-    )
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    instruction: str | None = field(
-        default=None, metadata={"help": "system prompt given to the evaluated model (not the baseline) when scoring"
-                                        " pairs and generating: the prompting baseline"}
-    )
-    steer: str | None = field(
-        default=None, metadata={"help": "steering vector file (rahf scan / compose, or a llama.cpp control-vector"
-                                        " .gguf) added to the evaluated model (not the baseline) while scoring and"
-                                        " generating"}
-    )
-    steer_strength: float | None = field(
-        default=None, metadata={"help": "with steer: multiples of the vector as read (default: the file's)"}
-    )
-    steer_layers: str | None = field(
-        default=None, metadata={"help": "with steer: hidden_states indices, e.g. '11,13,15' (default: the file's)"}
-    )
-    batch_size: int = 8
-    max_prompt_tokens: int = 256
-    max_reply_tokens: int = field(default=256, metadata={"help": "reply tokens scored per pair"})
-    seed: int = 0
-    resamples: int = DEFAULT_RESAMPLES
-    cache: bool = field(default=True, metadata={"help": "reuse generations from the disk cache"})
-    cache_dir: str | None = field(default=None, metadata={"help": "default: <rahf cache>/generations"})
-    device: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("--model is required (a model name, folder or hub id)")
-        if not (self.pairs or self.prompts or self.harmful_prompts):
-            raise ConfigError("nothing to evaluate: give --pairs FILE and/or --prompts FILE")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
-        for name in ("max_new_tokens", "batch_size", "max_reply_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_prompt_tokens < 8:
-            raise ConfigError(f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}")
-        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ConfigError("sampling needs temperature > 0 and 0 < top_p <= 1")
-        if self.resamples < 0:
-            raise ConfigError(f"resamples must be >= 0, got {self.resamples}")
-        self.columns = parse_columns(self.columns) or None  # bad syntax fails before models load
-        if (self.steer_strength is not None or self.steer_layers) and not self.steer:
-            raise ConfigError("--strength / --layers steer a model: give --steer FILE too")
-
-    def treatment(self, role: str) -> dict[str, Any]:
-        """What the evaluated model gets on top of its weights (the baseline gets nothing)."""
-        if role != "model":
-            return {"instruction": None, "steer": None}
-        return {"instruction": self.instruction, "steer": self.steer}
 
 
 def source_name(path: str) -> str:
@@ -121,17 +54,17 @@ def source_name(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def _data_entry(path: str, kind: str, n: int, *, format: str = "", invalid: dict | None = None) -> dict:
+def _data_entry(path: str, kind: str, n: int, *, format: str = "", invalid: dict | None = None) -> DataEntry:
     is_file = Path(path).is_file()
-    return {
-        "path": str(Path(path).resolve()) if is_file else path,
-        "source": source_name(path),
-        "kind": kind,
-        "sha256": file_digest(path) if is_file else None,
-        "format": format,
-        "n": n,
-        "invalid": invalid or {},
-    }
+    return DataEntry(
+        path=str(Path(path).resolve()) if is_file else path,
+        source=source_name(path),
+        kind=kind,
+        sha256=file_digest(path) if is_file else None,
+        format=format,
+        n=n,
+        invalid=invalid or {},
+    )
 
 
 @dataclass
@@ -148,20 +81,20 @@ class _Models:
         return self.steering[role][0]() if role in self.steering else contextlib.nullcontext()
 
 
-def _load_models(config: EvalConfig, report: dict[str, Any]) -> _Models:
+def _load_models(config: EvalConfig, report: EvalReport) -> _Models:
     evaluated = {}
     for role, spec in (("model", config.model), ("baseline", config.baseline)):
         if spec:  # the baseline goes through exactly the same stages as the model
             evaluated[role] = load_for_eval(spec, dtype=config.dtype, device=config.device)
-            report["models"][role] = evaluated[role][2].to_dict()
+            report.models[role] = ModelEntry.from_dict(evaluated[role][2].to_dict())
     reference = None
     if config.reference:
         reference = load_for_eval(config.reference, dtype=config.dtype, device=config.device)
-        report["models"]["reference"] = reference[2].to_dict()
+        report.models["reference"] = ModelEntry.from_dict(reference[2].to_dict())
     rm = None
     if config.reward_model:
         rm = load_reward_model(config.reward_model, device=config.device)
-        report["models"]["reward_model"] = describe(rm.path).to_dict() | {"spec": config.reward_model}
+        report.models["reward_model"] = ModelEntry.from_dict(describe(rm.path).to_dict() | {"spec": config.reward_model})
     models = _Models(evaluated, reference, rm)
     if config.steer:
         from rahf.steering.steer import steering_from_file
@@ -175,26 +108,26 @@ def _load_models(config: EvalConfig, report: dict[str, Any]) -> _Models:
         identity = steering_from_file(model, config.steer, strength=config.steer_strength,
                                       layers=config.steer_layers, model_id=info.fingerprint)[1]
         models.steering["model"] = (context, identity)  # bad file / layers fail here, before any scoring
-        report["models"]["model"]["steer"] = {"file": config.steer, "strength": config.steer_strength,
-                                              "layers": config.steer_layers}
+        report.models["model"].steer = {"file": config.steer, "strength": config.steer_strength,
+                                        "layers": config.steer_layers}
     return models
 
 
-def _preference_stage(config: EvalConfig, models: _Models, report: dict[str, Any]) -> None:
+def _preference_stage(config: EvalConfig, models: _Models, report: EvalReport) -> None:
     """Accuracy of every evaluated model (and of the RM) on every pairs file."""
     boot = {"resamples": config.resamples, "seed": config.seed}
     windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": config.max_reply_tokens}
     for path in config.pairs:
         data = load_preferences(path, skip_invalid=config.skip_invalid, limit=config.limit, columns=config.columns)
         source = source_name(path)
-        report["data"].append(_data_entry(path, "pairs", len(data.pairs), format=data.format, invalid=data.invalid))
+        report.data.append(_data_entry(path, "pairs", len(data.pairs), format=data.format, invalid=data.invalid))
         reference_scores = None
         if models.reference is not None:  # scored once, shared by the model and the baseline
             reference_scores = score_pairs(
                 models.reference[0], models.reference[1], data.pairs, batch_size=config.batch_size,
                 progress=config.progress, desc=f"reference on {source}", **windows,
             )
-        margins = {}
+        margins, entries = {}, {}
         for role, (model, tokenizer, _) in models.evaluated.items():
             with models.steered(role):
                 result = preference_accuracy(
@@ -204,16 +137,16 @@ def _preference_stage(config: EvalConfig, models: _Models, report: dict[str, Any
                     desc=f"{role} on {source}", **windows, **boot,
                 )
             margins[role] = result.pair_margins
-            report["preference"].append({"source": source, "model": role, **result.to_dict()})
+            entries[role] = PreferenceEntry.from_result(source, role, result)
+            report.preference.append(entries[role])
         if "baseline" in margins:  # the same pairs under both models: pair-to-pair spread cancels
-            delta = bootstrap(margins["model"] - margins["baseline"], **boot)
-            report["preference"][-2]["margin_vs_baseline"] = delta.to_dict()
+            entries["model"].margin_vs_baseline = bootstrap(margins["model"] - margins["baseline"], **boot)
         if models.reward_model is not None:
             accuracy = pairwise_accuracy(models.reward_model, data.pairs, progress=config.progress, **boot)
-            report["reward_model_accuracy"].append({"source": source, **accuracy})
+            report.reward_model_accuracy.append(RewardModelAccuracyEntry.from_dict({"source": source, **accuracy}))
 
 
-def _generation_stage(config: EvalConfig, models: _Models, report: dict[str, Any]) -> list[dict]:
+def _generation_stage(config: EvalConfig, models: _Models, report: EvalReport) -> list[dict]:
     """Replies of every evaluated model on every prompt file; behaviour, rewards, win rates.
 
     Returns one record per reply (for generations.jsonl).
@@ -225,9 +158,9 @@ def _generation_stage(config: EvalConfig, models: _Models, report: dict[str, Any
     for path, harmful in prompt_files:
         prompt_set = load_prompts(path, harmful=harmful, limit=config.limit)
         source = source_name(path)
-        report["data"].append(_data_entry(path, "harmful prompts" if harmful else "prompts",
-                                          len(prompt_set.items), format=prompt_set.format))
-        by_role = {}
+        report.data.append(_data_entry(path, "harmful prompts" if harmful else "prompts",
+                                       len(prompt_set.items), format=prompt_set.format))
+        by_role: dict[str, GenerationEntry] = {}
         for role, (model, tokenizer, info) in models.evaluated.items():
             model_id = models.steering[role][1] if role in models.steering else info.fingerprint
             with models.steered(role):
@@ -239,62 +172,48 @@ def _generation_stage(config: EvalConfig, models: _Models, report: dict[str, Any
                     model_id=model_id, progress=config.progress,
                 )
             texts = [t.result.text for t in turns]
-            entry: dict[str, Any] = {
-                "source": source,
-                "model": role,
-                "n_items": len(prompt_set.items),
-                "n_replies": len(turns),
-                "behaviour": behaviour_stats(
+            entry = GenerationEntry(
+                source=source,
+                model=role,
+                n_items=len(prompt_set.items),
+                n_replies=len(turns),
+                behaviour=behaviour_stats(
                     texts, tokens=[t.result.tokens for t in turns],
                     hit_limit=[t.result.hit_limit for t in turns],
                     harmful=[prompt_set.items[t.item_index].harmful for t in turns],
-                ).to_dict(),
-                "lengths_chars": [len(text) for text in texts],
-                "mean_reward": None,
-                "rewards": None,
-            }
+                ),
+                lengths_chars=[len(text) for text in texts],
+            )
             if models.reward_model is not None:
                 rewards = score_rewards(models.reward_model, [t.conversation for t in turns], texts,
                                         batch_size=config.batch_size, progress=config.progress)
-                entry["rewards"] = rewards.tolist()
-                entry["mean_reward"] = bootstrap(rewards, **boot).to_dict()
-            report["generation"].append(entry)
+                entry.rewards = rewards.tolist()
+                entry.mean_reward = bootstrap(rewards, **boot)
+            report.generation.append(entry)
             by_role[role] = entry
             records += [
                 {"source": source, "model": role, "id": t.item_id, "turn": t.turn,
                  "prompt": t.conversation[-1]["content"], "reply": t.result.text,
                  "tokens": t.result.tokens, "hit_limit": t.result.hit_limit,
                  "harmful": prompt_set.items[t.item_index].harmful,
-                 "reward": entry["rewards"][k] if entry["rewards"] else None}
+                 "reward": entry.rewards[k] if entry.rewards else None}
                 for k, t in enumerate(turns)
             ]
         if models.reward_model is not None and "baseline" in by_role:
             a, b = by_role["model"], by_role["baseline"]
-            result = compare(np.asarray(a["rewards"]), np.asarray(b["rewards"]),
-                             a["lengths_chars"], b["lengths_chars"], **boot)
-            report["comparisons"].append({"source": source, **result.to_dict()})
+            result = compare(np.asarray(a.rewards), np.asarray(b.rewards), a.lengths_chars, b.lengths_chars, **boot)
+            report.comparisons.append(ComparisonEntry(source, **vars(result)))
     return records
 
 
-def run_eval(config: EvalConfig) -> dict[str, Any]:
-    """Run every stage the config asks for and return the report dict (see ``report.py``).
+def run_eval(config: EvalConfig) -> EvalReport:
+    """Run every stage the config asks for and return the report (``to_dict()``: report.json).
 
     Also writes ``generations.jsonl`` (every reply, for reading) to ``config.out``.
     """
     started = time.time()
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "settings": dataclasses.asdict(config),
-        "environment": environment(),
-        "models": {},
-        "data": [],
-        "preference": [],
-        "reward_model_accuracy": [],
-        "generation": [],
-        "comparisons": [],
-        "timing": {},
-    }
-    timing = report["timing"]
+    report = EvalReport(settings=dataclasses.asdict(config), environment=environment())
+    timing = report.timing
     models = _load_models(config, report)
     timing["load_models"] = time.time() - started
     t = time.time()

@@ -1,4 +1,9 @@
-"""CLI: ``rahf scan``, ``rahf steer``, ``rahf compose``."""
+"""CLI: ``rahf scan``, ``rahf steer``, ``rahf compose``.
+
+``rahf scan`` reads its :class:`~rahf.steering.scan.ScanConfig` through :mod:`rahf.config_loader`
+(``--config`` / ``--set`` / flags); ``rahf steer`` shares its prompt and vector flags with
+``rahf generate``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,41 @@ import argparse
 import json
 import sys
 
+from rahf.config_loader import add_config_options, add_flags, flag, layers_from_args, load
 from rahf.data.schema import DataError
+from rahf.evaluate.commands import add_prompt_arguments, add_steer_arguments, prompt_items
+
+# `rahf scan`: flag -> ScanConfig key (rahf.config_loader); --config / --set reach every key.
+SCAN_FLAGS = [
+    flag("--model", help="model (instruction contrast; ignored with --run; default smollm2)"),
+    flag("--data", help="preference data (default with --run: the run's validation pairs)"),
+    flag("--run", metavar="RUN_DIR", help="read the step-1 models of this rahf align run"),
+    flag("--out", metavar="DIR", help="output folder (default ./scan)"),
+    flag("--format", "data_format", help="data format (default: detect)"),
+    flag("--max-pairs", help="seeded sample of this many pairs (default 64)"),
+    flag("--folds", help="cross-validation folds, split by pair (default 5)"),
+    flag("--span", help="band width in layers (default: a third of the depth)"),
+    flag("--max-prompt-tokens", help="prompt window, instruction included (default 128)"),
+    flag("--max-reply-tokens", help="reply window (default 64)"),
+    flag("--replies", choices=("random", "chosen", "rejected", "both"),
+         help="which reply of each pair is read (default: one at random, seeded; both: twice the cost)"),
+    flag("--precision", choices=("auto", "fp32", "bf16"),
+         help="auto: bf16 autocast where bf16 is native (CPUs with AVX-512 BF16/AMX, bf16 GPUs)"),
+    flag("--batch-size", help="pairs per forward pass (default 8)"),
+    flag("--seed", help="seed of the pair sample and the folds (default 0)"),
+    flag("--device", help="cpu, cuda, ... (default: cuda if available)"),
+]
+
+
+def scan_config(args: argparse.Namespace):
+    """The ScanConfig of ``rahf scan``: defaults <- --config files <- --set <- flags."""
+    from rahf.console import is_quiet
+    from rahf.steering.scan import ScanConfig
+
+    config = load(ScanConfig, layers_from_args(args, first=[("output level", {"progress": not is_quiet()})]))
+    if config.data is None and config.run is None:
+        raise DataError("rahf scan needs --data (instruction contrast) or --run RUN_DIR")
+    return config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,23 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " consistently they differ, and write OUT/scan.json, scan.png, vectors.safetensors and"
         " control_vector.gguf (llama.cpp).",
     )
-    sc.add_argument("--model", default="smollm2", help="model (instruction contrast; ignored with --run)")
-    sc.add_argument("--data", help="preference data (default with --run: the run's validation pairs)")
-    sc.add_argument("--run", metavar="RUN_DIR", help="read the step-1 models of this rahf align run")
-    sc.add_argument("--out", default="scan", metavar="DIR", help="output folder (default ./scan)")
-    sc.add_argument("--format", default="auto", help="data format (default: detect)")
-    sc.add_argument("--max-pairs", type=int, default=64, help="seeded sample of this many pairs (default 64)")
-    sc.add_argument("--folds", type=int, default=5, help="cross-validation folds, split by pair")
-    sc.add_argument("--span", type=int, help="band width in layers (default: a third of the depth)")
-    sc.add_argument("--max-prompt-tokens", type=int, default=128, help="prompt window, instruction included (default 128)")
-    sc.add_argument("--max-reply-tokens", type=int, default=64, help="reply window (default 64)")
-    sc.add_argument("--replies", choices=["random", "chosen", "rejected", "both"], default="random",
-                    help="which reply of each pair is read (default: one at random, seeded; both: twice the cost)")
-    sc.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="auto: bf16 autocast where bf16 is native (CPUs with AVX-512 BF16/AMX, bf16 GPUs)")
-    sc.add_argument("--batch-size", type=int, default=8)
-    sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    add_config_options(sc, example="folds=3")
+    add_flags(sc, None, SCAN_FLAGS)  # ScanConfig's module loads torch: the flags carry their help
     sc.add_argument("--json", action="store_true", help="print scan.json instead of the summary")
     sc.set_defaults(func=cmd_scan)
 
@@ -47,13 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " prompt's replies at every strength side by side.",
     )
     st.add_argument("--model", default="smollm2")
-    st.add_argument("--steer", required=True, metavar="FILE", help="vectors.safetensors or a control-vector .gguf")
-    st.add_argument("--strength", type=float, help="multiples of the vector as read (default: the scan's suggestion)")
+    add_steer_arguments(st, required=True)
     st.add_argument("--sweep", help="comma-separated strengths, e.g. 0,2,4,8")
-    st.add_argument("--layers", help="comma-separated hidden_states indices (default: the scan's target layers)")
-    st.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a user prompt (repeatable)")
-    st.add_argument("--prompts", metavar="FILE", help="a prompt file (as for rahf generate)")
-    st.add_argument("--limit", type=int, metavar="N")
+    add_prompt_arguments(st)
     st.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     st.add_argument("--batch-size", type=int, default=8)
     st.add_argument("--device")
@@ -97,30 +117,12 @@ def parse_weighted(items: list[str], flag: str) -> list[tuple[str, float]]:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from rahf.console import is_quiet
-    from rahf.steering.scan import ScanConfig, run_scan, summary
+    from rahf.steering.scan import run_scan, summary
 
-    if args.data is None and args.run is None:
-        raise DataError("rahf scan needs --data (instruction contrast) or --run RUN_DIR")
-    config = ScanConfig(
-        model=args.model, data=args.data, run=args.run, out=args.out, data_format=args.format,
-        max_pairs=args.max_pairs, folds=args.folds, span=args.span, max_prompt_tokens=args.max_prompt_tokens,
-        max_reply_tokens=args.max_reply_tokens, replies=args.replies, precision=args.precision,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not is_quiet(),
-    )
+    config = scan_config(args)
     result = run_scan(config)
     print(json.dumps(result, indent=2) if args.json else summary(result))
     return 0
-
-
-def _prompt_items(args: argparse.Namespace):
-    from rahf.evaluate.prompts import PromptItem, load_prompts
-
-    items = [PromptItem(id=f"prompt-{i}", messages=({"role": "user", "content": text},))
-             for i, text in enumerate(args.prompt)]
-    if args.prompts:
-        items += load_prompts(args.prompts, limit=args.limit).items
-    return items
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
@@ -144,7 +146,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
         path = save_gguf(vectors, args.export_gguf, layers=layers, strength=strength or 1.0)
         print(f"wrote {path} (layers {layers} as direction.{layers[0] - 1}..; strength {strength or 1.0:g})",
               file=sys.stderr)
-    items = _prompt_items(args)
+    items = prompt_items(args)
     if not items:
         if args.export_gguf:
             return 0

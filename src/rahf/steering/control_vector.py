@@ -1,7 +1,7 @@
 """Steering-vector files: rahf's safetensors layout and llama.cpp's control-vector GGUF.
 
 Layer convention. rahf indexes a vector by its ``hidden_states`` index ``l`` (see
-``rahf.plumbing``): the vector for ``l`` is added to the output of 0-based decoder block
+``rahf.hidden_states``): the vector for ``l`` is added to the output of 0-based decoder block
 ``l - 1``. A safetensors file holds tensors ``layer.<l>`` in that convention.
 
 llama.cpp's convention is shifted by one. Checked against its sources: ``common/common.cpp``

@@ -7,17 +7,19 @@ tokens on both sides (``rahf.data.render`` tokenises replies on their own), so t
 isolates the side. Which reply of each pair: ``Windows.replies`` (one at random by default;
 ``both`` doubles the cost).
 
+Both readers read a :class:`rahf.method.patterns.PatternSource`, the interface step 2 of
+``rahf align`` reads its patterns through, entered by :class:`rahf.method.patterns.ModelStates`:
+
 * :class:`InstructionContrast`: the model itself under I+ vs I- (no training; RepE's reading
-  vectors, and RAHF-SCIT's patterns before step 1).
+  vectors, and RAHF-SCIT's patterns before step 1): ``instruction_contrast``.
 * :func:`run_reader`: the step-1 models of a ``rahf align`` run, as step 2 builds them
-  (``rahf.patterns.scit_passes``, ``rahf.fitting.load_fit_model``): Dual, the preferred vs
-  the dispreferred adapter with no instruction; SCIT, the step-1 model under I+ vs I-.
+  (:meth:`rahf.method.Method.reading_source`, ``rahf.method.fit.load_fit_model``): Dual, the
+  preferred vs the dispreferred adapter with no instruction; SCIT, the step-1 model under I+ vs I-.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,8 +29,8 @@ from torch import nn
 
 from rahf.data.render import encode
 from rahf.data.schema import PreferencePair
-from rahf.patterns import pattern_replies
-from rahf.plumbing import pad_batch, reply_hidden_states, reply_mask, unwrap
+from rahf.hidden_states import pad_batch, reply_hidden_states, reply_mask, unwrap
+from rahf.method.patterns import ModelStates, PatternSource, instruction_contrast, pattern_replies
 
 
 @dataclass
@@ -61,14 +63,6 @@ class PatternReader(Protocol):
     def read(self, pairs: Sequence[PreferencePair], layers: Sequence[int]) -> Patterns: ...
 
 
-@dataclass(frozen=True)
-class Side:
-    """A model state to enter (a context manager yielding the model) and an instruction."""
-
-    state: Callable[[], AbstractContextManager[nn.Module]]
-    instruction: str | None
-
-
 @dataclass
 class Windows:
     """Token windows and batching of a read, which replies it uses, and its precision."""
@@ -82,18 +76,18 @@ class Windows:
 
 
 @torch.no_grad()
-def read_sides(
-    preferred: Side,
-    dispreferred: Side,
+def read_source(
+    source: PatternSource,
+    states: ModelStates,
     tokenizer,
     pairs: Sequence[PreferencePair],
     layers: Sequence[int],
     windows: Windows,
     *,
-    source: str,
     progress: bool = False,
 ) -> Patterns:
-    """Run both sides over each pair's reply (``windows.replies``); keep reply-token means."""
+    """Run ``source``'s preferred and dispreferred side over each pair's reply
+    (``windows.replies``); keep reply-token means."""
     from tqdm.auto import tqdm
 
     if not pairs:
@@ -104,7 +98,8 @@ def read_sides(
     pooled: dict[str, torch.Tensor] = {}
     norm_sum = torch.zeros(len(layers), dtype=torch.float64)
     tokens = 0
-    for name, side in (("preferred", preferred), ("dispreferred", dispreferred)):
+    for name in ("preferred", "dispreferred"):
+        side = source[name]
         encoded = [
             encode(tokenizer, pair.prompt, reply, instruction=side.instruction,
                    max_prompt_tokens=windows.max_prompt_tokens, max_reply_tokens=windows.max_reply_tokens,
@@ -113,7 +108,7 @@ def read_sides(
         ]
         # Batches of similar length pad little; rows go back to example order below.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-        with side.state() as model:
+        with states.state(side.state) as model:
             rows = torch.zeros(len(layers), len(encoded), unwrap(model).config.hidden_size)
             was_training = model.training
             model.eval()
@@ -137,7 +132,7 @@ def read_sides(
         dispreferred=pooled["dispreferred"],
         token_norm=(norm_sum / max(tokens, 1)).float(),
         groups=groups,
-        source=source,
+        source=source.name,
     )
 
 
@@ -157,39 +152,39 @@ class InstructionContrast:
         self.windows, self.progress = windows or Windows(), progress
 
     def read(self, pairs: Sequence[PreferencePair], layers: Sequence[int]) -> Patterns:
-        same = lambda: nullcontext(self.model)  # noqa: E731
-        return read_sides(Side(same, self.instructions[0]), Side(same, self.instructions[1]), self.tokenizer,
-                          pairs, layers, self.windows, source=self.name, progress=self.progress)
+        source = instruction_contrast(*self.instructions, name=self.name)
+        return read_source(source, ModelStates(self.model), self.tokenizer, pairs, layers, self.windows,
+                           progress=self.progress)
 
 
 class RunReader:
     """The step-1 models of a finished (or step-1-finished) ``rahf align`` run."""
 
     def __init__(self, run_dir: str | Path, *, batch_size: int = 8, progress: bool = False) -> None:
-        from rahf.config import ConfigError, load_config
-        from rahf.fitting import load_fit_model
-        from rahf.models import load_tokenizer
-        from rahf.patterns import FrozenPass, scit_passes
-        from rahf.pipeline import RunDir, base_weights
-        from rahf.training import use_bf16
+        import dataclasses
+
+        from rahf.config import ConfigError, load_saved_config
+        from rahf.method import method_for
+        from rahf.method.fit import load_fit_model
+        from rahf.plan import plan_run
+        from rahf.runs import RunDir
 
         run = RunDir(run_dir)
-        self.config = config = load_config(run.root / "config.yaml")
-        stages = ["step1"] if config.method == "scit" else ["step1_preferred", "step1_dispreferred"]
-        unfinished = [s for s in stages if not (run.stage(s) / "DONE.json").is_file()]
+        self.config = config = load_saved_config(run.root / "config.yaml")
+        method = method_for(config)
+        unfinished = [s for s in method.step1_stages if not (run.stage(s) / "DONE.json").is_file()]
         if unfinished:
             raise ConfigError(f"{run.root}: step 1 is not finished ({', '.join(unfinished)} has no DONE.json);"
                               " run `rahf align` on it first")
-        step1 = {} if config.method == "scit" else {s: str(run.stage(f"step1_{s}")) for s in ("preferred", "dispreferred")}
         # Layer 1 keeps the fitting LoRA (zero-initialised, never enabled here) as small as possible.
-        _model, self.frozen = load_fit_model(config, base_weights(config, run), step1, [1])
+        plan = plan_run(config, layers=[1])
+        _model, self.frozen = load_fit_model(config, method.fit_weights(plan, run), method.step1_folders(run), [1])
+        self.name = f"run:{method.name}"
         # SCIT: M_s under I+ / I-. Dual: M+ vs M-, no instruction (whatever patterns.align_target).
-        self.passes = scit_passes(config) if config.method == "scit" else {
-            "preferred": FrozenPass("preferred", None), "dispreferred": FrozenPass("dispreferred", None)}
-        self.tokenizer = load_tokenizer(config.model)
-        self.name = f"run:{config.method}"
+        self.source = dataclasses.replace(method.reading_source(config), name=self.name)
+        self.tokenizer = plan.tokenizer
         self.windows = Windows(config.max_prompt_tokens, config.reply_window, batch_size,
-                               replies=config.pattern_reply, seed=config.seed, bf16=use_bf16(config))
+                               replies=config.pattern_reply, seed=config.seed, bf16=plan.bf16)
         self.progress = progress
         self.validation = run.stage("data") / "validation.jsonl"
 
@@ -198,10 +193,7 @@ class RunReader:
         return self.frozen.model
 
     def read(self, pairs: Sequence[PreferencePair], layers: Sequence[int]) -> Patterns:
-        sides = [Side(lambda s=self.passes[role].state: self.frozen.state(s), self.passes[role].instruction)
-                 for role in ("preferred", "dispreferred")]
-        return read_sides(*sides, self.tokenizer, pairs, layers, self.windows, source=self.name,
-                          progress=self.progress)
+        return read_source(self.source, self.frozen, self.tokenizer, pairs, layers, self.windows, progress=self.progress)
 
 
 def run_reader(run_dir: str | Path, **kwargs) -> RunReader:

@@ -157,7 +157,7 @@ class ScanConfig:
     progress: bool = True
 
     def bf16(self, device: str) -> bool:
-        from rahf.training import cpu_has_native_bf16
+        from rahf.trainer import cpu_has_native_bf16
 
         if self.precision != "auto":
             return self.precision == "bf16"
@@ -177,7 +177,7 @@ def select_pairs(config: ScanConfig, reader) -> tuple[list, str]:
         pairs = load_preferences(config.data, format=config.data_format, skip_invalid=True).pairs
         origin = config.data
     elif getattr(reader, "validation", None) is not None and reader.validation.is_file():
-        from rahf.pipeline import read_pairs
+        from rahf.runs import read_pairs
 
         pairs, origin = read_pairs(reader.validation), str(reader.validation)
     else:
@@ -207,7 +207,7 @@ def make_reader(config: ScanConfig):
 
 def scan(reader, pairs, *, folds: int = 5, span: int | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
     """Read every layer's patterns with ``reader`` and score them: ``(result, vectors)``."""
-    from rahf.plumbing import num_layers
+    from rahf.hidden_states import num_layers
 
     n = num_layers(reader.model)
     patterns = reader.read(pairs, list(range(1, n + 1)))

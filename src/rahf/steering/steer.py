@@ -6,12 +6,12 @@ every position, ``hidden_states[l] += s * v_l``, where ``v_l`` is the vector as 
 ``l``). So ``s = 1`` moves each steered layer by one mean pattern difference, the same unit as
 RAHF's ``alpha`` in ``target = orig + alpha * (A+ - A-)``; later steered layers also receive the
 shifts of earlier ones through the residual stream. The shift is added with a forward hook on
-decoder block ``l - 1`` (``rahf.plumbing.block_of_layer``), at every position, as llama.cpp
+decoder block ``l - 1`` (``rahf.hidden_states.block_of_layer``), at every position, as llama.cpp
 applies control vectors.
 
 Reading states under steering: transformers' ``output_hidden_states`` records a block's output
 before hooks registered later run, so it shows ``hidden_states[l]`` unshifted (layers above it do
-include the shift); ``rahf.plumbing.capture_blocks`` opened inside the ``steering`` block sees it.
+include the shift); ``rahf.hidden_states.capture_blocks`` opened inside the ``steering`` block sees it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
-from rahf.plumbing import block_of_layer, decoder_blocks, num_layers, unwrap
+from rahf.hidden_states import block_of_layer, decoder_blocks, num_layers, unwrap
 
 
 @contextmanager

@@ -14,9 +14,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rahf.config import AlignConfig
 from rahf.data.schema import PreferencePair
+
+# Reference log-probs computed once before training, as the DPO baseline does by default.
+STEP1_PRECOMPUTE_REF = True
+
+if TYPE_CHECKING:
+    from rahf.plan import RunPlan
 
 
 def swapped(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
@@ -24,28 +30,17 @@ def swapped(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
     return [dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) for p in pairs]
 
 
-def step1_as_baseline(config: AlignConfig) -> AlignConfig:
-    """``config`` whose baseline settings are step 1's, for the baseline's DPO builder."""
-    baseline = dataclasses.replace(
-        config.baseline, train=config.step1.train, lora=config.step1.lora,
-        full_finetune=config.step1.full_finetune, beta=config.step1.beta,
-    )
-    return dataclasses.replace(config, baseline=baseline)
-
-
-def train_side_preference(
-    config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, side: str, out: Path, *, merged: bool
-) -> dict:
+def train_side_preference(plan: RunPlan, pairs: Sequence[PreferencePair], side: str, out: Path, *, merged: bool) -> dict:
     """DPO for one side (swapped pairs for ``dispreferred``); saves ``out/adapter`` (and
     ``out/merged`` with ``merged``) like the SFT side. Returns ``{"log": records, "steps": n}``."""
     from rahf.baselines.dpo import build_dpo_trainer
-    from rahf.training import LossLogCallback, save_trained, train_resumably
+    from rahf.trainer import train_stage
 
+    config, step1 = plan.config, plan.config.step1
     data = list(pairs) if side == "preferred" else swapped(pairs)
-    trainer = build_dpo_trainer(step1_as_baseline(config), data, tokenizer, out)
+    trainer = build_dpo_trainer(
+        config, data, plan.tokenizer, out, train=step1.train, lora=None if step1.full_finetune else step1.lora,
+        beta=step1.beta, precompute_ref_log_probs=STEP1_PRECOMPUTE_REF, model_path=plan.model_path,
+    )
     trainer.stage = f"step1 ({side}, preference)"
-    log = LossLogCallback()
-    trainer.add_callback(log)
-    train_resumably(trainer)
-    save_trained(trainer.model, out, merged=merged or config.step1.full_finetune, tokenizer=tokenizer)
-    return {"log": log.records, "steps": trainer.state.global_step}
+    return train_stage(trainer, out, merged=merged or step1.full_finetune, tokenizer=plan.tokenizer)

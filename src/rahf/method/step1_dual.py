@@ -3,7 +3,7 @@
 
 By default both are LoRA adapters on the one frozen base (``dual_storage: adapters``);
 ``full-copies`` also writes each merged into a full copy, the reference code's layout.
-``step1.objective: preference`` trains each side with DPO instead (:mod:`rahf.preference.objectives`).
+``step1.objective: preference`` trains each side with DPO instead (:mod:`rahf.method.step1_objectives`).
 With ``patterns.align_target: preferred`` the preferred side is also written merged: step 3
 aligns M+ itself (:func:`load_preferred_target`).
 """
@@ -12,25 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from rahf.config import AlignConfig
 from rahf.data.render import Encoded, encode
 from rahf.data.schema import PreferencePair
-from rahf.models import load_model
-from rahf.plumbing import pad_batch
-from rahf.training import (
-    GuardedTrainer,
-    LossLogCallback,
-    add_lora,
-    save_trained,
-    train_resumably,
-    training_arguments,
-)
+from rahf.hidden_states import pad_batch
+from rahf.trainer import GuardedTrainer, add_lora, train_stage, trainable_model, training_arguments
 
 Side = Literal["preferred", "dispreferred"]
+
+if TYPE_CHECKING:
+    from rahf.plan import RunPlan
 
 
 def sft_examples(
@@ -64,57 +59,43 @@ class ReplyOnlyCollator:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
-def train_side(
-    config: AlignConfig,
-    pairs: Sequence[PreferencePair],
-    tokenizer,
-    side: Side,
-    out: Path,
-) -> dict:
+def train_side(plan: RunPlan, pairs: Sequence[PreferencePair], side: Side, out: Path) -> dict:
     """Fine-tune one side and save it under ``out``; returns ``{"log": records, "steps": n}``."""
-    merged = config.step1.dual_storage == "full-copies" or (
-        side == "preferred" and config.patterns.align_target == "preferred"
-    )
-    if config.step1.objective == "preference":
-        from rahf.preference.objectives import train_side_preference
+    config, step1 = plan.config, plan.config.step1
+    merged = step1.dual_storage == "full-copies" or (side == "preferred" and config.patterns.align_target == "preferred")
+    if step1.objective == "preference":
+        from rahf.method.step1_objectives import train_side_preference
 
-        return train_side_preference(config, pairs, tokenizer, side, out, merged=merged)
-    model = load_model(config.model, dtype=config.dtype, device=config.device)
-    if not config.step1.full_finetune:
-        model = add_lora(model, config.step1.lora)
-    log = LossLogCallback()
+        return train_side_preference(plan, pairs, side, out, merged=merged)
+    model = trainable_model(config, plan.model_path, None if step1.full_finetune else step1.lora)
     trainer = GuardedTrainer(
         model=model,
-        args=training_arguments(config, config.step1.train, out / "checkpoints", stage=f"step1-{side}"),
-        train_dataset=sft_examples(pairs, tokenizer, config, side),
-        data_collator=ReplyOnlyCollator(tokenizer.pad_token_id),
-        callbacks=[log],
+        args=training_arguments(config, step1.train, out / "checkpoints", stage=f"step1-{side}"),
+        train_dataset=sft_examples(pairs, plan.tokenizer, config, side),
+        data_collator=ReplyOnlyCollator(plan.tokenizer.pad_token_id),
     )
     trainer.stage = f"step1 ({side})"
-    train_resumably(trainer)
-    save_trained(model, out, merged=merged or config.step1.full_finetune, tokenizer=tokenizer)
-    return {"log": log.records, "steps": trainer.state.global_step}
+    return train_stage(trainer, out, merged=merged or step1.full_finetune, tokenizer=plan.tokenizer, model=model)
 
 
-def load_preferred_target(config: AlignConfig, base_path: str, step1: dict[str, str], layers: Sequence[int]):
+def load_preferred_target(plan: RunPlan, base_path: str, step1: dict[str, str]):
     """``patterns.align_target: preferred``: the model step 3 trains is M+ (``base_path``, the
     merged preferred side) with a fresh adapter, as in the reference code.
 
     Frozen states: M+ itself is the aligned model with its new adapter disabled (A_o, fed I+ as
     system prompt, and A_+); M- is a separate frozen copy (its merged weights, or the base with
-    its adapter merged in). Returns ``(model, FrozenModels)`` like ``rahf.fitting.load_fit_model``.
+    its adapter merged in). Returns ``(model, ModelStates)`` like ``rahf.method.fit.load_fit_model``.
     """
     from peft import PeftModel
 
-    from rahf.patterns import FrozenModels
+    from rahf.method.patterns import ModelStates
 
-    model = add_lora(load_model(base_path, dtype=config.dtype, device=config.device), config.fit.lora,
-                     blocks=range(max(layers)))
+    config = plan.config
+    model = add_lora(plan.load_model(base_path), config.fit.lora, blocks=range(max(plan.layers)))
     folder = Path(step1["dispreferred"])
     if (folder / "merged").is_dir():
-        minus = load_model(str(folder / "merged"), dtype=config.dtype, device=config.device)
+        minus = plan.load_model(str(folder / "merged"))
     else:
-        base = load_model(config.model, dtype=config.dtype, device=config.device)
-        minus = PeftModel.from_pretrained(base, str(folder / "adapter")).merge_and_unload()
+        minus = PeftModel.from_pretrained(plan.load_model(), str(folder / "adapter")).merge_and_unload()
     minus.eval().requires_grad_(False)
-    return model, FrozenModels(model, {"dispreferred": minus})
+    return model, ModelStates(model, {"dispreferred": minus})

@@ -6,31 +6,39 @@ For target layers L and the real reply tokens t of each example (padding exclude
            [+ kl_weight * mean over t of KL(p_frozen(. | <t) || p_trained(. | <t))]
 
 where h is the trained model's residual stream on the same input as A_o, and
-T = A_o + alpha * (A_+ - A_-) (see ``rahf.patterns``). LoRA lives only in blocks that can move
-the targets: 0-based blocks 0 .. max(L) - 1, since hidden_states[max(L)] is the output of block
-max(L) - 1.
+T = A_o + alpha * (A_+ - A_-) (see ``rahf.method.patterns``). LoRA lives only in blocks that can
+move the targets: 0-based blocks 0 .. max(L) - 1, since hidden_states[max(L)] is the output of
+block max(L) - 1.
+
+:func:`fit_stage` is step 3 as a run stage: load the model and the frozen states, build the
+examples, (optionally) cache the targets, train, save the adapter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
-from rahf.patterns import (
+from rahf.hidden_states import gather_reply, reply_hidden_states, reply_mask
+from rahf.method.patterns import (
     ROLES,
     FitExample,
-    FrozenModels,
-    FrozenPass,
+    ModelStates,
+    PatternSource,
     build_targets,
     collate_roles,
     frozen_patterns,
 )
-from rahf.plumbing import gather_reply, reply_hidden_states, reply_mask
-from rahf.target_cache import CacheDType, TargetCache
-from rahf.training import GuardedTrainer
+from rahf.method.targets import CacheDType, TargetCache
+from rahf.trainer import GuardedTrainer
+
+if TYPE_CHECKING:
+    from rahf.plan import RunPlan
+    from rahf.runs import RunDir
 
 
 def fitting_loss(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -228,8 +236,8 @@ class FitTrainer(GuardedTrainer):
         *,
         layers: Sequence[int],
         alpha: float,
-        passes: dict[str, FrozenPass],
-        frozen: FrozenModels,
+        source: PatternSource,
+        frozen: ModelStates,
         pad_id: int,
         truncate: bool,
         batch_frozen: bool,
@@ -238,7 +246,7 @@ class FitTrainer(GuardedTrainer):
         bf16: bool | None = None,
     ) -> None:
         """``bf16``: autocast every forward of the loss (default: as Trainer's ``args.bf16``)."""
-        self.layers, self.alpha, self.passes, self.frozen = list(layers), alpha, passes, frozen
+        self.layers, self.alpha, self.source, self.frozen = list(layers), alpha, source, frozen
         self.pad_id, self.truncate, self.batch_frozen, self.kl_weight = pad_id, truncate, batch_frozen, kl_weight
         self.group_by_length = group_by_length
         self.bf16 = bool(getattr(getattr(self, "args", None), "bf16", False)) if bf16 is None else bf16
@@ -270,7 +278,7 @@ class FitTrainer(GuardedTrainer):
             return inputs["targets"]
         with self.autocast():
             patterns = frozen_patterns(
-                self.frozen, self.passes, inputs, self.layers,
+                self.frozen, self.source, inputs, self.layers,
                 pad_id=self.pad_id, truncate=self.truncate, batch_frozen=self.batch_frozen,
             )
         return build_targets(patterns, self.alpha)
@@ -286,13 +294,13 @@ class FitTrainer(GuardedTrainer):
         return fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
 
     def _loss_with_kl(self, model, orig: dict, target: torch.Tensor, width: int) -> torch.Tensor:
-        from rahf.plumbing import capture_blocks
+        from rahf.hidden_states import capture_blocks
 
         inputs = {"input_ids": orig["input_ids"], "attention_mask": orig["attention_mask"]}
         with capture_blocks(model, self.layers) as captured:
             trained_logits = model(**inputs, use_cache=False).logits
         hidden = torch.stack([gather_reply(captured[layer], orig["reply_start"], width) for layer in self.layers])
-        with torch.no_grad(), self.frozen.state(self.passes["orig"].state) as frozen_model:
+        with torch.no_grad(), self.frozen.state(self.source.orig.state) as frozen_model:
             frozen_logits = frozen_model(**inputs, use_cache=False).logits
         loss = fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
         return loss + self.kl_weight * reply_kl(frozen_logits, trained_logits, orig, width)
@@ -308,7 +316,7 @@ def load_fit_model(config, base_path: str, step1: dict[str, str], layers: Sequen
     from peft import PeftModel
 
     from rahf.models import load_model
-    from rahf.training import add_lora
+    from rahf.trainer import add_lora
 
     model = load_model(base_path, dtype=config.dtype, device=config.device)
     blocks = range(max(layers))
@@ -323,7 +331,7 @@ def load_fit_model(config, base_path: str, step1: dict[str, str], layers: Sequen
             copy.requires_grad_(False)
             copies[side] = copy
         model = add_lora(model, config.fit.lora, blocks=blocks)
-    return model, FrozenModels(model, copies)
+    return model, ModelStates(model, copies)
 
 
 def compute_cache(
@@ -338,7 +346,7 @@ def compute_cache(
     (stored as ``dtype``: ``fit.cache_dtype``)."""
     from tqdm.auto import tqdm
 
-    from rahf.target_cache import write_cache
+    from rahf.method.targets import write_cache
 
     collator = FitCollator(trainer.pad_id)
     device = trainer.args.device
@@ -353,3 +361,71 @@ def compute_cache(
     model = trainer.model
     hidden = model.config.hidden_size if hasattr(model, "config") else None
     write_cache(folder, chunks(), layers=len(trainer.layers), hidden=hidden, dtype=dtype)
+
+
+def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> dict:
+    """Step 3 as a run stage: fit a fresh adapter on ``base`` (the weights it applies to) so the
+    hidden states on ``train``'s pattern examples reach their targets; save ``out/adapter``."""
+    from rahf.config import ConfigError
+    from rahf.hidden_states import num_layers
+    from rahf.io import is_main_process, wait_for_everyone
+    from rahf.method.convergence import (
+        ConvergenceLog,
+        PlateauStop,
+        held_out_examples,
+        measure_progress,
+    )
+    from rahf.method.convergence import progress_line as convergence_line
+    from rahf.method.patterns import fit_examples
+    from rahf.method.targets import CacheError
+    from rahf.runs import read_pairs
+    from rahf.trainer import LossLogCallback, train_stage, training_arguments
+
+    config, tokenizer, layers = plan.config, plan.tokenizer, plan.layers
+    model, frozen = plan.method.load_fit_models(plan, base, run)
+    if max(layers) > num_layers(model):
+        raise ConfigError(f"patterns.target_layers go up to {max(layers)} but the model has {num_layers(model)} blocks")
+    examples = fit_examples(train, tokenizer, config)
+    log = LossLogCallback()
+    held, held_source = held_out_examples(config, read_pairs(run.stage("data") / "validation.jsonl"), examples, tokenizer)
+    progress, plateau = ConvergenceLog(held), PlateauStop(config.fit.plateau_window, config.fit.plateau_threshold)
+    trainer = FitTrainer(
+        model=model,
+        args=training_arguments(config, config.fit.train, out / "checkpoints", stage="fit"),
+        train_dataset=examples,
+        data_collator=FitCollator(tokenizer.pad_token_id),
+        callbacks=[progress, log, plateau],
+    )
+    progress.trainer = trainer
+    trainer.setup_fit(
+        layers=layers, alpha=config.patterns.alpha, source=plan.method.fit_source(config), frozen=frozen,
+        pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward and config.fit.kl_weight == 0,
+        batch_frozen=config.fit.batch_frozen, kl_weight=config.fit.kl_weight,
+        group_by_length=config.fit.group_by_length,
+    )
+    if config.fit.targets == "cached":
+        cache_dir = run.stage("targets")
+
+        def build_cache() -> None:
+            if is_main_process():
+                compute_cache(trainer, examples, cache_dir, batch_size=config.fit.train.batch_size, dtype=config.fit.cache_dtype)
+                run.mark_done("targets")
+            wait_for_everyone()
+
+        if not run.is_done("targets"):  # missing, cut off, or a file fails its checksum: recompute
+            build_cache()
+        try:
+            cache = TargetCache(cache_dir)
+        except CacheError as err:  # a marker from an older layout that the cache itself rejects
+            print(f"rahf: {err}; recomputing the target cache")
+            build_cache()
+            cache = TargetCache(cache_dir)
+        trainer.data_collator = FitCollator(tokenizer.pad_token_id, cache)
+    result = train_stage(trainer, out, merged=False, model=model)
+    result.update(examples=len(examples), layers=layers, plateau_stop=plateau.stopped_at)
+    if held:
+        result["convergence"] = {"examples": len(held), "source": held_source, **measure_progress(trainer, held)}
+        if is_main_process():
+            print(f"rahf: fit reached, per layer, this share of the target on {len(held)} {held_source} examples"
+                  f" (1.0 = reached): {convergence_line(result['convergence'])}")
+    return result

@@ -1,4 +1,4 @@
-"""Model plumbing, in one place: decoder blocks, layer indices, reply tokens, padding.
+"""Hidden-state access, in one place: decoder blocks, layer indices, reply tokens, padding.
 
 Conventions (mixing them up is the classic bug of this method):
 
@@ -8,15 +8,17 @@ Conventions (mixing them up is the classic bug of this method):
 - We read hidden states with forward hooks on the blocks, not ``output_hidden_states``, because
   the last ``hidden_states`` entry of many models has the final norm applied and because hooks
   let a forward pass stop early.
-- Batches are right-padded. Reply token ``t`` of example ``b`` sits at position
-  ``reply_start[b] + t``; ``reply_len[b]`` tokens are real. Patterns are aligned by reply token,
-  so inputs with instructions of different lengths line up row for row.
+- Batches are right-padded (``pad_ids``, the one padding routine; only generation pads left).
+  Reply token ``t`` of example ``b`` sits at position ``reply_start[b] + t``; ``reply_len[b]``
+  tokens are real. Patterns are aligned by reply token, so inputs with instructions of different
+  lengths line up row for row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import nn
@@ -138,15 +140,29 @@ def reply_hidden_states(
     return torch.stack([gather_reply(captured[layer], batch["reply_start"], width) for layer in layers])
 
 
+def pad_ids(
+    rows: Sequence[Sequence[int]], pad_id: int, *, side: Literal["right", "left"] = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both (batch, longest row): every batch of token lists is
+    padded here.
+
+    ``right`` (training, scoring, reward models): row ``b`` holds its tokens at 0..len-1, so reply
+    token ``t`` sits at ``reply_start + t`` and a classifier reads the last real token. ``left``
+    (generation): real tokens sit flush right, so every row's new tokens start at the same column.
+    """
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        real = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        input_ids[b, real] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, real] = 1
+    return input_ids, attention_mask
+
+
 def pad_batch(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad encoded examples into tensors, with reply positions and lengths."""
-    lengths = [len(e.prompt_ids) + len(e.reply_ids) for e in examples]
-    width = max(lengths)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
-        input_ids[row, :length] = torch.tensor(example.prompt_ids + example.reply_ids)
-        attention_mask[row, :length] = 1
+    input_ids, attention_mask = pad_ids([e.input_ids for e in examples], pad_id)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -5,11 +5,14 @@ Three frozen forward passes per example, each a (model state, instruction) on th
     A_o   — the model being aligned, on the input step 3 trains on
     A_+   — the preferred side,  A_- — the dispreferred side
 
-SCIT and Dual differ only in where A_+ and A_- come from (:func:`scit_passes`,
-:func:`dual_passes`): SCIT uses the step-1 model M_s under the preferred / dispreferred
-instruction; Dual uses the preferred / dispreferred adapters with no instruction. Hidden states
-are kept at the target layers over reply tokens, aligned by reply token (row t is reply token t
-in all three, whatever the instruction lengths). The target per layer l and reply token is
+Every pattern source is a :class:`PatternSource`: a :class:`Side` per role, naming a model state
+(entered by :class:`ModelStates`) and the instruction placed as system prompt. SCIT and Dual
+differ only in their source (:func:`instruction_contrast`, :func:`dual_source`): SCIT uses the
+step-1 model M_s under the preferred / dispreferred instruction; Dual uses the preferred /
+dispreferred adapters with no instruction. The steering readers (``rahf.steering.readers``) read
+the same sources. Hidden states are kept at the target layers over reply tokens, aligned by reply
+token (row t is reply token t in all three, whatever the instruction lengths). The target per
+layer l and reply token is
 
     T_l = A_o,l + alpha * (A_+,l - A_-,l)
 """
@@ -28,49 +31,52 @@ from torch import nn
 from rahf.config import AlignConfig
 from rahf.data.render import Encoded, encode
 from rahf.data.schema import PreferencePair
-from rahf.plumbing import pad_batch, reply_hidden_states, unwrap
+from rahf.hidden_states import pad_batch, reply_hidden_states, unwrap
 
 ROLES = ("orig", "preferred", "dispreferred")
 FROZEN = "frozen"  # the weights under the adapter being fitted (that adapter disabled)
 
 
 @dataclass(frozen=True)
-class FrozenPass:
+class Side:
+    """One frozen pass: a model state and the instruction placed as system prompt."""
+
     state: str  # FROZEN, a step-1 adapter name, or the name of a separate full copy
     instruction: str | None
 
 
-def scit_passes(config: AlignConfig) -> dict[str, FrozenPass]:
-    """SCIT: one frozen model M_s; only the instruction differs."""
-    return {
-        "orig": FrozenPass(FROZEN, None),
-        "preferred": FrozenPass(FROZEN, config.preferred_instruction),
-        "dispreferred": FrozenPass(FROZEN, config.dispreferred_instruction),
-    }
+@dataclass(frozen=True)
+class PatternSource:
+    """Where A_o, A_+ and A_- come from: the one thing SCIT, Dual and the readers vary."""
+
+    name: str
+    orig: Side
+    preferred: Side
+    dispreferred: Side
+
+    def __getitem__(self, role: str) -> Side:
+        return getattr(self, role)
+
+    def roles(self) -> dict[str, Side]:
+        """``{role: side}`` in ``ROLES`` order."""
+        return {role: self[role] for role in ROLES}
 
 
-def dual_passes(config: AlignConfig) -> dict[str, FrozenPass]:
+def instruction_contrast(preferred: str, dispreferred: str, *, name: str = "instruction-contrast") -> PatternSource:
+    """One frozen model; only the instruction differs (SCIT's M_s; RepE's reading vectors)."""
+    return PatternSource(name, Side(FROZEN, None), Side(FROZEN, preferred), Side(FROZEN, dispreferred))
+
+
+def dual_source(align_target: str, preferred_instruction: str) -> PatternSource:
     """Dual: the base model, and the preferred / dispreferred models, all without instruction.
 
-    ``patterns.align_target: preferred`` (reference code): the aligned model is M+ itself, so
-    A_o is M+ under I+ and A_+ is M+ without instruction (both: the frozen weights under the
-    fitted adapter); M- is a separate copy (``rahf.preference.dual.load_preferred_target``).
+    ``align_target="preferred"`` (reference code): the aligned model is M+ itself, so A_o is M+
+    under I+ and A_+ is M+ without instruction (both: the frozen weights under the fitted
+    adapter); M- is a separate copy (``rahf.method.step1_dual.load_preferred_target``).
     """
-    if config.patterns.align_target == "preferred":
-        return {
-            "orig": FrozenPass(FROZEN, config.preferred_instruction),
-            "preferred": FrozenPass(FROZEN, None),
-            "dispreferred": FrozenPass("dispreferred", None),
-        }
-    return {
-        "orig": FrozenPass(FROZEN, None),
-        "preferred": FrozenPass("preferred", None),
-        "dispreferred": FrozenPass("dispreferred", None),
-    }
-
-
-def pattern_passes(config: AlignConfig) -> dict[str, FrozenPass]:
-    return scit_passes(config) if config.method == "scit" else dual_passes(config)
+    if align_target == "preferred":
+        return PatternSource("dual", Side(FROZEN, preferred_instruction), Side(FROZEN, None), Side("dispreferred", None))
+    return PatternSource("dual", Side(FROZEN, None), Side("preferred", None), Side("dispreferred", None))
 
 
 @dataclass(frozen=True)
@@ -97,13 +103,20 @@ def pattern_replies(pairs: Sequence[PreferencePair], choice: str, seed: int) -> 
     return out
 
 
+def pattern_source(config: AlignConfig) -> PatternSource:
+    """The fit's pattern source for ``config`` (:meth:`rahf.method.Method.fit_source`)."""
+    from rahf.method import method_for
+
+    return method_for(config).fit_source(config)
+
+
 def fit_examples(pairs: Sequence[PreferencePair], tokenizer, config: AlignConfig) -> list[FitExample]:
-    passes = pattern_passes(config)
+    source = pattern_source(config)
     windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": config.reply_window}
     examples = []
     for index, (pair, reply) in enumerate(pattern_replies(pairs, config.pattern_reply, config.seed)):
         inputs = {
-            role: encode(tokenizer, pair.prompt, reply, instruction=passes[role].instruction, **windows)
+            role: encode(tokenizer, pair.prompt, reply, instruction=source[role].instruction, **windows)
             for role in ROLES
         }
         examples.append(FitExample(inputs, index))
@@ -130,8 +143,11 @@ def concat_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> d
     }
 
 
-class FrozenModels:
-    """Puts the model in each frozen state: fitted adapter disabled, a step-1 adapter, or a copy."""
+class ModelStates:
+    """Puts the model in each frozen state: fitted adapter disabled, a step-1 adapter, or a copy.
+
+    A model without adapters is its own ``FROZEN`` state (the readers' plain model).
+    """
 
     def __init__(self, model: nn.Module, copies: dict[str, nn.Module] | None = None) -> None:
         self.model = model
@@ -146,6 +162,9 @@ class FrozenModels:
                 copy.to(device)
             yield copy
             return
+        if name == FROZEN and not _has_peft(self.model):
+            yield self.model
+            return
         peft = _peft(self.model)
         if name == FROZEN:
             with peft.disable_adapter():
@@ -159,6 +178,14 @@ class FrozenModels:
             peft.set_adapter(active)
 
 
+def _has_peft(model: nn.Module) -> bool:
+    while not isinstance(model, PeftModel):
+        if not hasattr(model, "module"):
+            return False
+        model = model.module
+    return True
+
+
 def _peft(model: nn.Module) -> PeftModel:
     while not isinstance(model, PeftModel):
         if not hasattr(model, "module"):
@@ -169,8 +196,8 @@ def _peft(model: nn.Module) -> PeftModel:
 
 @torch.no_grad()
 def frozen_patterns(
-    frozen: FrozenModels,
-    passes: dict[str, FrozenPass],
+    frozen: ModelStates,
+    source: PatternSource,
     batches: dict[str, dict[str, torch.Tensor]],
     layers: Sequence[int],
     *,
@@ -186,9 +213,9 @@ def frozen_patterns(
     width = int(batches["orig"]["reply_len"].max())
     groups: dict[str, list[str]] = {}
     for role in ROLES:
-        groups.setdefault(passes[role].state, []).append(role)
+        groups.setdefault(source[role].state, []).append(role)
     if not batch_frozen:
-        groups = {f"{passes[r].state}\0{r}": [r] for r in ROLES}
+        groups = {f"{source[r].state}\0{r}": [r] for r in ROLES}
     out: dict[str, torch.Tensor] = {}
     model = frozen.model
     was_training = model.training

@@ -45,9 +45,9 @@ def target_progress(
 def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
     """``{"shift/L<l>": ..., "residual/L<l>": ...}`` of ``trainer.model`` on ``examples``
     (FitExamples), with the targets computed from the frozen passes as the fit computes them."""
-    from rahf.fitting import FitCollator
-    from rahf.patterns import frozen_patterns
-    from rahf.plumbing import reply_hidden_states, reply_mask
+    from rahf.hidden_states import reply_hidden_states, reply_mask
+    from rahf.method.fit import FitCollator
+    from rahf.method.patterns import frozen_patterns
 
     model = trainer.model
     device = next(model.parameters()).device
@@ -62,7 +62,7 @@ def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
             batch = {role: {k: v.to(device) for k, v in b.items()} for role, b in batch.items()}
             width = int(batch["orig"]["reply_len"].max())
             with trainer.autocast():
-                patterns = frozen_patterns(trainer.frozen, trainer.passes, batch, trainer.layers,
+                patterns = frozen_patterns(trainer.frozen, trainer.source, batch, trainer.layers,
                                            pad_id=trainer.pad_id, truncate=True, batch_frozen=trainer.batch_frozen)
                 hidden = reply_hidden_states(model, batch["orig"], trainer.layers, reply_width=width, truncate=True)
             target = patterns["orig"] + trainer.alpha * (patterns["preferred"] - patterns["dispreferred"])
@@ -145,7 +145,7 @@ def progress_line(progress: dict[str, float]) -> str:
 def held_out_examples(config, validation: Sequence, examples: Sequence, tokenizer) -> tuple[list, str]:
     """Up to ``fit.convergence_examples`` fit examples built from validation pairs (the fit never
     trains on them), or from the fit's own examples when there is no validation split."""
-    from rahf.patterns import fit_examples
+    from rahf.method.patterns import fit_examples
 
     n = config.fit.convergence_examples
     if n == 0:

@@ -1,6 +1,6 @@
 """Step-1 readiness: does step 1 separate preferred from dispreferred on pairs it never saw?
 
-Step 3 can only transfer what step 1 learnt (METHOD.md, "Which pairs feed which step"). With
+Step 3 can only transfer what step 1 learnt (docs/method.md, "Which pairs feed which step"). With
 ``m(y+, y-) = l(y+) - l(y-)``, the chosen-minus-rejected margin of mean-token reply
 log-likelihoods (nats, as ``bench/dual_diagnosis.py``), the signal per held-out pair is
 
@@ -19,13 +19,17 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rahf.config import AlignConfig
 from rahf.data.schema import PreferencePair
+from rahf.evaluate.scoring import score_pairs
 from rahf.evaluate.stats import Estimate, bootstrap
-from rahf.scoring import score_pairs
+
+if TYPE_CHECKING:
+    from rahf.plan import RunPlan
 
 
 @dataclass
@@ -44,7 +48,9 @@ class Readiness:
 
     @property
     def label(self) -> str:
-        return "M+ margin - M- margin" if self.method == "dual" else "margin under I+ - margin under I-"
+        from rahf.method import method_for
+
+        return method_for(self.method).readiness_label
 
     @property
     def signal_text(self) -> str:
@@ -108,17 +114,17 @@ def _estimate(values: torch.Tensor, seed: int) -> Estimate:
 
 
 def dual_readiness(
-    config: AlignConfig, tokenizer, pairs: Sequence[PreferencePair], step1: dict[str, str], *, source: str, steps: int
+    plan: RunPlan, pairs: Sequence[PreferencePair], step1: dict[str, str], *, source: str, steps: int
 ) -> Readiness:
     """M+ vs M- on ``pairs``; ``step1`` maps each side to its stage folder (``adapter/`` or ``merged/``)."""
     from peft import PeftModel
 
-    from rahf.models import load_model
+    config, tokenizer = plan.config, plan.tokenizer
 
-    def load(path: str):
-        return load_model(path, dtype=config.dtype, device=config.device).eval()
+    def load(path: str | None = None):
+        return plan.load_model(path).eval()
 
-    base = load(config.model)
+    base = load()
     adapters = {side: Path(folder) / "adapter" for side, folder in step1.items()}
     if all(path.is_dir() for path in adapters.values()):
         model = PeftModel.from_pretrained(base, str(adapters["preferred"]), adapter_name="preferred")
@@ -137,28 +143,29 @@ def dual_readiness(
 
 
 def scit_readiness(
-    config: AlignConfig, tokenizer, pairs: Sequence[PreferencePair], step1: str, *, source: str, steps: int
+    plan: RunPlan, pairs: Sequence[PreferencePair], step1: str, *, source: str, steps: int
 ) -> Readiness:
     """M_s under I+ vs under I- on ``pairs``; ``step1`` is the SCIT stage folder (``merged/``)."""
-    from rahf.models import load_model
-
-    model = load_model(str(Path(step1) / "merged"), dtype=config.dtype, device=config.device).eval()
+    config, tokenizer = plan.config, plan.tokenizer
+    model = plan.load_model(str(Path(step1) / "merged")).eval()
     plus = margins(model, tokenizer, pairs, config, instruction=config.preferred_instruction)
     minus = margins(model, tokenizer, pairs, config, instruction=config.dispreferred_instruction)
     plain = margins(model, tokenizer, pairs, config)
     del model
-    base = margins(load_model(config.model, dtype=config.dtype, device=config.device).eval(), tokenizer, pairs, config)
+    base = margins(plan.load_model().eval(), tokenizer, pairs, config)
     extra = {"M_s - base (no instruction)": _estimate(plain - base, config.seed)}
     return Readiness("scit", source, steps, _estimate(plus - minus, config.seed), extra)
 
 
 def not_separated_line(result: Readiness, config: AlignConfig) -> str:
     """The one line said when step 1 reached its cap without separating."""
+    from rahf.method import method_for
+
     then = "fitting anyway" if config.step1.on_not_separated == "continue" else "stopping"
     return (
         f"rahf: step 1 did not separate within step1.max_steps_cap={config.step1.max_steps_cap} steps"
         f" ({result.label} = {_signed(result.signal)} nats after {result.steps}): raise step1.max_steps_cap or"
-        f" step1.train.learning_rate{', or try step1.objective=preference' if config.method == 'dual' else ''};"
+        f" step1.train.learning_rate{method_for(config).not_separated_hint};"
         f" {then} (step1.on_not_separated={config.step1.on_not_separated})"
     )
 

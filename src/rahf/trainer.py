@@ -1,4 +1,9 @@
-"""What every training stage shares: Trainer arguments, LoRA wrapping, resume, NaN guard.
+"""The one training-stage runner: load -> LoRA -> Trainer -> resume -> save, and what it shares.
+
+Every training stage (SCIT and Dual step 1, the fit, the SFT and DPO baselines, the reward model)
+builds its Trainer arguments with :func:`training_arguments`, its trainable model with
+:func:`trainable_model` (or its own loader plus :func:`add_lora`) and runs with
+:func:`train_stage`: resume from the newest complete checkpoint, train, save the weights.
 
 All stages run on ``transformers.Trainer`` so bf16, gradient checkpointing, gradient
 accumulation, ``report_to`` logging and ``accelerate launch`` (DDP, DeepSpeed) work unchanged.
@@ -14,6 +19,7 @@ off mid-save or damaged later, and resume falls back to the newest good one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import shutil
@@ -31,11 +37,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rahf import console
 from rahf.config import AlignConfig, LoraSettings, TrainSettings
+from rahf.faults import fault_point, poisoned
 from rahf.io import (
     HASH_LIMIT,
     atomic_write_json,
     folder_manifest,
-    inject_fault,
     is_main_process,
     manifest_problem,
     read_marker,
@@ -72,8 +78,6 @@ def add_lora(
     no block restriction with ``all-linear``).
     """
     if blocks is not None and settings.target_modules == ["all-linear"]:
-        import dataclasses
-
         settings = dataclasses.replace(settings, target_modules=block_linear_names(model))
     config = lora_config(settings, blocks=blocks)
     if isinstance(model, PeftModel):
@@ -87,7 +91,7 @@ def add_lora(
 def block_linear_names(model) -> list[str]:
     """Names of the linear modules inside the decoder blocks (``q_proj``, ``down_proj`` ...),
     seen through LoRA layers already there."""
-    from rahf.plumbing import decoder_blocks
+    from rahf.hidden_states import decoder_blocks
 
     names = set()
     for name, module in decoder_blocks(model).named_modules():
@@ -120,9 +124,31 @@ def use_bf16(config: AlignConfig) -> bool:
 
 
 def training_arguments(
-    config: AlignConfig, train: TrainSettings, output_dir: Path, *, stage: str
+    config: AlignConfig, train: TrainSettings, output_dir: Path, *, stage: str, cls: type = TrainingArguments, **extra
 ) -> TrainingArguments:
-    return TrainingArguments(
+    """A stage's Trainer arguments: ``train`` is its budget, ``config`` the run-wide settings
+    (logging, checkpoints, seed, precision, device). See :func:`trainer_arguments`."""
+    return trainer_arguments(
+        train, output_dir, cls=cls, seed=config.seed, bf16=use_bf16(config),
+        use_cpu=(config.device == "cpu") or not torch.cuda.is_available(), logging_steps=config.logging_steps,
+        save_steps=config.save_steps, report_to=config.report_to, run_name=f"{Path(config.run_dir).name}-{stage}",
+        checkpointing=config.gradient_checkpointing, **extra,
+    )
+
+
+def trainer_arguments(
+    train: TrainSettings, output_dir: str | Path, *, cls: type = TrainingArguments, seed: int, bf16: bool,
+    use_cpu: bool, logging_steps: int, save_steps: int = 500, report_to: list[str] | str = "none",
+    run_name: str | None = None, checkpointing: bool = False, **extra,
+) -> TrainingArguments:
+    """The Trainer arguments of every training stage, built here only.
+
+    ``cls`` is ``TrainingArguments`` or a TRL config (``SFTConfig``, ``DPOConfig``,
+    ``RewardConfig``) that gets exactly these values; ``extra`` sets its own fields or overrides
+    ours (the reward model: ``save_strategy="no"``). TRL's defaults that differ from
+    transformers' (gradient checkpointing on, bf16 on) are overridden by these values.
+    """
+    base = TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
         num_train_epochs=train.epochs,
@@ -132,22 +158,49 @@ def training_arguments(
         warmup_steps=train.warmup_ratio,  # transformers 5: a float < 1 is a ratio
         lr_scheduler_type=train.lr_scheduler,
         weight_decay=train.weight_decay,
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
+        logging_steps=logging_steps,
+        save_steps=save_steps,
         save_total_limit=2,
         save_strategy="steps",
-        report_to=config.report_to,
-        run_name=f"{Path(config.run_dir).name}-{stage}",
-        seed=config.seed,
-        data_seed=config.seed,
-        bf16=use_bf16(config),
-        activation_checkpointing=config.gradient_checkpointing,
+        report_to=report_to,
+        run_name=run_name,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=console.is_quiet(),  # the bar itself is StageProgress (train_resumably)
-        use_cpu=(config.device == "cpu") or not torch.cuda.is_available(),
+        use_cpu=use_cpu,
     )
+    if cls is TrainingArguments and not extra:
+        return base
+    values = base.to_dict()
+    values["hub_token"] = base.hub_token  # to_dict masks tokens
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in values.items() if k in names and k not in extra}, **extra)
+
+
+def trainable_model(config: AlignConfig, path: str, lora: LoraSettings | None, *, blocks: Sequence[int] | None = None):
+    """The weights at ``path`` (already resolved: :class:`rahf.plan.RunPlan`), with a new LoRA
+    adapter unless ``lora`` is None (full fine-tuning)."""
+    from rahf.models import load_model
+
+    model = load_model(path, dtype=config.dtype, device=config.device)
+    return model if lora is None else add_lora(model, lora, blocks=blocks)
+
+
+def train_stage(trainer: Trainer, out: Path, *, merged: bool, tokenizer=None, model=None) -> dict:
+    """Run a built trainer as a stage: resume from ``out/checkpoints``, train, save the weights
+    (:func:`save_trained`). Returns ``{"log": per-step records, "steps": optimizer steps}``."""
+    log = next((c for c in trainer.callback_handler.callbacks if isinstance(c, LossLogCallback)), None)
+    if log is None:
+        log = LossLogCallback()
+        trainer.add_callback(log)
+    train_resumably(trainer)
+    save_trained(model if model is not None else trainer.model, out, merged=merged, tokenizer=tokenizer)
+    return {"log": log.records, "steps": trainer.state.global_step}
 
 
 class TrainingInterrupted(TrainingError):
@@ -328,7 +381,7 @@ class StopOnSignal(TrainerCallback):
         self.signum = self.signum or signum
 
     def on_step_end(self, args, state, control, **kwargs):
-        inject_fault(f"step:{_stage_dir(args)}:{state.global_step}")
+        fault_point(f"step:{_stage_dir(args)}:{state.global_step}")
         agreed = _agreed_signal(self.signum, args.device)
         if agreed is not None:
             self.signum = self.signum or agreed
@@ -475,16 +528,14 @@ class GuardedTrainer(Trainer):
         return super().compute_loss(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = self.stage_loss(model, inputs)
-        if inject_fault(f"loss:{_stage_dir(self.args)}:{self.state.global_step + 1}"):
-            loss = loss * float("nan")
+        loss = poisoned(self.stage_loss(model, inputs), f"loss:{_stage_dir(self.args)}:{self.state.global_step + 1}")
         check_finite(loss, self, self.stage)
         return loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if _internal_call:  # a checkpoint: weights written, optimizer / RNG / state not yet
-            inject_fault(f"save:{_stage_dir(self.args)}:{self.state.global_step}", output_dir)
+            fault_point(f"save:{_stage_dir(self.args)}:{self.state.global_step}", output_dir)
 
 
 def _sort_target_modules(config_path: Path) -> None:

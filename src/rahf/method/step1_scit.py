@@ -16,22 +16,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rahf.config import AlignConfig
 from rahf.data.render import Encoded, encode
 from rahf.data.schema import PreferencePair
-from rahf.models import load_model
-from rahf.plumbing import pad_batch, reply_token_logprobs
-from rahf.training import (
-    GuardedTrainer,
-    LossLogCallback,
-    add_lora,
-    save_trained,
-    train_resumably,
-    training_arguments,
-)
+from rahf.hidden_states import pad_batch, reply_token_logprobs
+from rahf.trainer import GuardedTrainer, train_stage, trainable_model, training_arguments
+
+if TYPE_CHECKING:
+    from rahf.plan import RunPlan
 
 
 @dataclass(frozen=True)
@@ -86,22 +82,17 @@ class SCITTrainer(GuardedTrainer):
         return scit_loss(matching, swapped, self.label_smoothing)
 
 
-def train_scit(config: AlignConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path) -> dict:
+def train_scit(plan: RunPlan, pairs: Sequence[PreferencePair], out: Path) -> dict:
     """Train M_s and save it under ``out``: the adapter (LoRA) and always the merged weights,
     which step 3 puts its own adapter on. Returns ``{"log": records, "steps": n}``."""
-    model = load_model(config.model, dtype=config.dtype, device=config.device)
-    if not config.step1.full_finetune:
-        model = add_lora(model, config.step1.lora)
-    log = LossLogCallback()
+    config, step1 = plan.config, plan.config.step1
+    model = trainable_model(config, plan.model_path, None if step1.full_finetune else step1.lora)
     trainer = SCITTrainer(
         model=model,
-        args=training_arguments(config, config.step1.train, out / "checkpoints", stage="step1-scit"),
-        train_dataset=scit_examples(pairs, tokenizer, config),
-        data_collator=SCITCollator(tokenizer.pad_token_id),
-        callbacks=[log],
+        args=training_arguments(config, step1.train, out / "checkpoints", stage="step1-scit"),
+        train_dataset=scit_examples(pairs, plan.tokenizer, config),
+        data_collator=SCITCollator(plan.tokenizer.pad_token_id),
     )
     trainer.stage = "step1 (scit)"
-    trainer.label_smoothing = config.step1.label_smoothing
-    train_resumably(trainer)
-    save_trained(model, out, merged=True, tokenizer=tokenizer)
-    return {"log": log.records, "steps": trainer.state.global_step}
+    trainer.label_smoothing = step1.label_smoothing
+    return train_stage(trainer, out, merged=True, tokenizer=plan.tokenizer, model=model)

@@ -16,27 +16,26 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rahf.config import AlignConfig
 from rahf.data.schema import PreferencePair
 from rahf.io import atomic_write_json, is_main_process, read_marker, wait_for_everyone
-from rahf.preference.readiness import (
+from rahf.method.readiness import (
     Readiness,
-    dual_readiness,
     held_out_pairs,
     not_separated_line,
-    scit_readiness,
     train_until_separated,
 )
-from rahf.training import TrainingError
+from rahf.trainer import TrainingError
+
+if TYPE_CHECKING:
+    from rahf.plan import RunPlan
+    from rahf.runs import RunDir
 
 
 class NotSeparated(TrainingError):
     """Step 1 reached its cap without separating and ``step1.on_not_separated`` is ``stop``."""
-
-
-def step1_names(config: AlignConfig) -> list[str]:
-    return ["step1"] if config.method == "scit" else ["step1_preferred", "step1_dispreferred"]
 
 
 def with_steps(config: AlignConfig, steps: int) -> AlignConfig:
@@ -62,31 +61,24 @@ def _reopen(run, name: str, steps: int) -> None:
     wait_for_everyone()
 
 
-def _work(config: AlignConfig, name: str, pairs, tokenizer):
-    if name == "step1":
-        from rahf.preference.scit import train_scit
-
-        return lambda out: train_scit(config, pairs, tokenizer, out)
-    from rahf.preference.dual import train_side
-
-    side = name.removeprefix("step1_")
-    return lambda out: train_side(config, pairs, tokenizer, side, out)
-
-
 def step1_with_readiness(
-    config: AlignConfig,
-    run,
+    plan: RunPlan,
+    run: RunDir,
     pairs: Sequence[PreferencePair],
     patterns: Sequence[PreferencePair],
-    tokenizer,
     log: dict[str, list],
 ) -> list[Readiness]:
     """Run step 1's stages on ``pairs``, then measure readiness on pairs step 1 never saw
     (``patterns`` when the halves are disjoint, else the validation split). Returns the
     measurements in order (empty when ``step1.readiness_pairs`` is 0 or nothing is held out)."""
-    from rahf.pipeline import read_pairs, run_stage
+    from rahf.runs import read_pairs, run_stage
 
-    names = step1_names(config)
+    config, method = plan.config, plan.method
+    names = method.step1_stages
+
+    def work(name: str, budget: AlignConfig):
+        staged = dataclasses.replace(plan, config=budget)
+        return lambda out: method.train_step1(staged, name, list(pairs), out)
 
     def train_to(target: int | None) -> int:
         steps = []
@@ -94,7 +86,7 @@ def step1_with_readiness(
             if target is not None:
                 _reopen(run, name, target)
             budget = config if target is None else with_steps(config, target)
-            result = run_stage(run, name, _work(budget, name, list(pairs), tokenizer), log=log, seed=config.seed)
+            result = run_stage(run, name, work(name, budget), log=log, seed=config.seed)
             steps.append(int(result.get("steps", 0)))
         return min(steps)
 
@@ -114,7 +106,7 @@ def step1_with_readiness(
         if is_main_process():
             cached = read_marker(path) or {}
             if cached.get("step1") != digest:
-                result = _measure(config, run, tokenizer, held, source, steps)
+                result = method.readiness(plan, run, held, source=source, steps=steps)
                 atomic_write_json(path, {"step1": digest, "result": result.to_dict()})
         wait_for_everyone()
         result = Readiness.from_dict(json.loads(Path(path).read_text())["result"])
@@ -134,10 +126,3 @@ def step1_with_readiness(
         if is_main_process():
             print(line)
     return history
-
-
-def _measure(config: AlignConfig, run, tokenizer, pairs, source: str, steps: int) -> Readiness:
-    if config.method == "scit":
-        return scit_readiness(config, tokenizer, pairs, str(run.stage("step1")), source=source, steps=steps)
-    folders = {side: str(run.stage(f"step1_{side}")) for side in ("preferred", "dispreferred")}
-    return dual_readiness(config, tokenizer, pairs, folders, source=source, steps=steps)

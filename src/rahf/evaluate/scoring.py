@@ -2,6 +2,8 @@
 
 Preference accuracy is the fraction of pairs where the model gives the chosen reply a higher
 *mean* token log-likelihood than the rejected one (mean, so that length alone does not decide).
+Examples are encoded as training sees them (``rahf.data.render.encode``) and right-padded by
+``rahf.hidden_states.pad_batch``. Also read by step 1's readiness check and the demo.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from tqdm.auto import tqdm
 
 from rahf.data.render import encode
 from rahf.data.schema import PreferencePair
-from rahf.plumbing import pad_batch, reply_token_logprobs
+from rahf.hidden_states import pad_batch, reply_token_logprobs
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Step 1: teach the model what is preferred (SCIT: one model; Dual: two adapters)."""

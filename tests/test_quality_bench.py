@@ -1,0 +1,96 @@
+"""bench/quality.py v2's arithmetic: steps at matched compute, the guards, the tuning rule and
+the win rates, against hand-computed values (no model, no ../shared data)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import benchlib  # noqa: E402
+import quality  # noqa: E402
+
+
+def test_steps_from_two_calibration_runs_single_stage():
+    budget = quality.Budget(cpu_seconds=900, calib_steps=4)
+    short = {"stage_cpu": {"other": 7.0, "sft": 9.0, "final": 2.0}}
+    long = {"stage_cpu": {"other": 7.0, "sft": 17.0, "final": 2.0}}
+    # 2 CPU-s per step; fixed: other 7 + final 2 + sft's own 9 - 2 = 16; (900 - 16) / 2 = 442
+    assert quality.derive_steps({"lr": 5e-4}, short, long, budget) == {"baseline": 442}
+
+
+def test_steps_split_rahf_budget_by_share_after_fixed_costs():
+    budget = quality.Budget(cpu_seconds=900, calib_steps=4)
+    short = {"stage_cpu": {"other": 8.0, "step1_preferred": 10.0, "step1_dispreferred": 10.0, "readiness": 30.0, "fit": 12.0}}
+    long = {"stage_cpu": {"other": 8.0, "step1_preferred": 18.0, "step1_dispreferred": 18.0, "readiness": 30.0, "fit": 20.0}}
+    knobs = {**quality.DEFAULTS["dual"], "share": 0.6}
+    # step 1: 2 + 2 CPU-s per step (both sides), fit 2; fixed 8 + 8 + 10 + 8 + readiness 30 = 64 -> 836 left
+    assert quality.derive_steps(knobs, short, long, budget) == {"step1": 125, "fit": 167}
+    # more of the budget to step 1
+    assert quality.derive_steps({**knobs, "share": 0.8}, short, long, budget) == {"step1": 167, "fit": 83}
+
+
+def _result(margins, rewards, lengths, **behaviour) -> dict:
+    beh = {"mean_tokens": 50.0, "hit_limit_rate": 0.5, "repetition_rate": 0.05, "refusal_rate": 0.1, "over_refusal_rate": 0.0}
+    source = {"pair_margins": margins, "rewards": rewards, "lengths": lengths, "accuracy": {"value": 0.5},
+              "behaviour": {**beh, **behaviour}}
+    return {"sources": dict.fromkeys(benchlib.SOURCES, source)}
+
+
+def test_guards_name_each_broken_target():
+    base = _result([0.0], [0.0], [10])
+    assert all(benchlib.guards(_result([0.0], [0.0], [10], mean_tokens=55.0), base).values())
+    broken = benchlib.guards(_result([0.0], [0.0], [10], mean_tokens=56.0, repetition_rate=0.09, over_refusal_rate=0.06), base)
+    assert broken == {"length": False, "limit": True, "repetition": False, "over-refusal": False}
+
+
+def test_pick_prefers_the_best_setting_that_keeps_the_guards():
+    base = _result([0.0, 0.0], [0.0, 0.0], [10, 10])
+    tried = {"long": _result([1.0, 1.0], [1.0, 1.0], [10, 10], mean_tokens=70.0),
+             "safe": _result([0.2, 0.4], [1.0, 1.0], [10, 10]),
+             "worse": _result([0.1, 0.1], [1.0, 1.0], [10, 10])}
+    assert benchlib.pick_setting(tried, base) == "safe"
+    assert benchlib.pick_setting({"long": tried["long"], "other": _result([0.5, 0.5], [0, 0], [10, 10], mean_tokens=70.0)}, base) == "long"
+    assert benchlib.pick_setting({}, base) is None
+
+
+def test_paired_margin_and_win_rates():
+    base = _result([0.1, 0.2, 0.3, 0.4], [0.0, 2.0, 4.0, 1.0], [10, 10, 10, 10])
+    model = _result([0.2, 0.3, 0.4, 0.5], [1.0, 2.0, 3.0, 1.0 + 1e-9], [10, 10, 10, 10])
+    vs = benchlib.versus_base(model, base)["hh"]
+    assert vs["margin"]["value"] == pytest.approx(0.1) and vs["margin"]["low"] == pytest.approx(0.1)
+    assert vs["win"]["value"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)  # win, tie, loss, tie (|diff| <= 1e-6)
+    assert vs["lc"]["value"] == pytest.approx(0.5, abs=1e-6)  # equal lengths: LC = the raw win rate
+
+
+def test_length_controlled_win_rate_discounts_wins_by_length():
+    # A wins exactly when its reply is longer: raw 0.5 and, by symmetry, 0.5 at equal length
+    rates = benchlib.win_rates([1, 1, 0, 0], [0, 0, 1, 1], [20, 20, 10, 10], [10, 10, 20, 20])
+    assert rates["win"]["value"] == 0.5 and rates["lc"]["value"] == pytest.approx(0.5, abs=1e-6)
+    # A always wins at equal length: LC near 1
+    assert benchlib.win_rates([1] * 6, [0] * 6, [10] * 6, [10] * 6)["lc"]["value"] > 0.95
+
+
+def test_report_renders_results_and_pending_cells(tmp_path, monkeypatch):
+    import argparse
+
+    import quality_report
+
+    monkeypatch.setattr(quality_report, "PLOT", tmp_path / "quality.png")
+    base = _result([0.0, 0.1], [0.0, 1.0], [10, 12])
+    base["commit"], base["cpu_seconds"] = "a" * 40, 100.0
+    trained = {"train": {"cpu_seconds": 880.0, "wall_seconds": 1200.0, "commit": "b" * 40, "stage_cpu": {"sft": 800.0},
+                         "steps": {"baseline": 40}, "knobs": {"lr": 5e-4}}, "eval": {**_result([0.3, 0.4], [1.0, 2.0], [10, 12]), "cpu_seconds": 90.0, "commit": "b" * 40}}
+    state = {"tune": {("sft", "lr5e-4"): trained, ("sft", "lr2e-4"): None}, "seeds": {("sft", 1): None}, "ablate": {},
+             "free": {("prompt", "I+"): None}, "failed": [], "picks": {"sft": "lr5e-4"}, "best": None}
+    args = argparse.Namespace(methods=["sft", "prompt"], seeds=[0, 1], smoke=False, no_write=False)
+    ctx = {"base": base, "budget": quality.Budget(), "machine": "test machine"}
+    text = quality_report.report(args, ctx, state, "python bench/quality.py", {"sft": {"lr5e-4": "why a", "lr2e-4": "why b"}})
+    assert "| SFT (lr5e-4) | 1 | 50.0% | +0.300 [+0.300, +0.300] (1/1↑)" in text
+    assert "| sft | lr2e-4 | why b | pending |" in text and "| prompting (I+ as system prompt) I+ | 0 | pending" in text
+    # 40 steps x 8 examples x 192 tokens x 6 x 134.5M parameters
+    assert f"880 / 20 min / {40 * 8 * 192 * 6 * 134.5e6:.1e}" in text
+    assert (tmp_path / "quality.png").stat().st_size > 0
