@@ -524,6 +524,13 @@ class GuardedTrainer(Trainer):
 
     stage = "train"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Every stage loss is a mean over its micro-batch: the Trainer must average them over
+        # gradient accumulation. It skips that when the model's forward takes **kwargs, assuming
+        # the loss was normalised by ``num_items_in_batch`` -- which stage losses never receive.
+        self.model_accepts_loss_kwargs = False
+
     def stage_loss(self, model, inputs: dict) -> torch.Tensor:
         return super().compute_loss(model, inputs)
 
