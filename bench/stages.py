@@ -7,8 +7,9 @@ itself is efficiency.py's row table. ``trl-sft`` trains the same examples (token
 the same LoRA, the same loss on reply tokens only) with TRL's ``SFTTrainer``; the loss of one
 fixed batch is computed by both trainers before timing (:func:`step1_losses`).
 
-FLOPs are analytic (``efficiency.Shape``); step 1 computes the LM head on every position (HF's
-causal-LM loss does), so it is counted there, forward and input gradient.
+FLOPs are analytic (``efficiency.Shape``); step 1 computes the LM head only at the positions
+that predict a reply token (``rahf.hidden_states.logits_at``), so it is counted there, forward and
+input gradient.
 """
 
 from __future__ import annotations
@@ -71,10 +72,9 @@ def step1_losses(model, tokenizer, encoded: Sequence, args) -> tuple[float, floa
     equal when both train the same objective on the same tokens."""
     import torch
 
-    from rahf.method.step1_dual import ReplyOnlyCollator
-    from rahf.trainer import GuardedTrainer
+    from rahf.method.step1_dual import ReplyOnlyCollator, ReplySFTTrainer
 
-    rahf = GuardedTrainer(model=model, args=args, train_dataset=list(encoded),
+    rahf = ReplySFTTrainer(model=model, args=args, train_dataset=list(encoded),
                           data_collator=ReplyOnlyCollator(tokenizer.pad_token_id))
     trl = trl_trainer(model, tokenizer, encoded, args)
     rahf_batch = ReplyOnlyCollator(tokenizer.pad_token_id)(list(encoded))
@@ -109,8 +109,9 @@ def _timed_training(trainer) -> dict:
     return {"seconds": time.perf_counter() - clock.wall, "cpu_seconds": time.process_time() - clock.cpu}
 
 
-def _counting(collator, shapes: list[tuple[int, int, int]]):
-    """Records each batch's (rows, width, real tokens). Accelerate's loader fetches one batch
+def _counting(collator, shapes: list[tuple[int, int, int]], heads: list[int] | None = None):
+    """Records each batch's (rows, width, real tokens), and in ``heads`` its reply tokens (the
+    positions the LM head runs on). Accelerate's loader fetches one batch
     ahead, so a run cut by ``max_steps`` collates one batch more than it trains: callers take
     ``shapes[1 : 1 + STEP1_STEPS]`` (the timed steps)."""
 
@@ -118,6 +119,8 @@ def _counting(collator, shapes: list[tuple[int, int, int]]):
         batch = collator(examples)
         mask = batch["attention_mask"]
         shapes.append((mask.shape[0], mask.shape[1], int(mask.sum())))
+        if heads is not None:
+            heads.append(int((batch["labels"] != -100).sum()) if "labels" in batch else int(batch["reply_len"].sum()))
         return batch
 
     return collate
@@ -142,10 +145,10 @@ def _stage(stage: str, work: Path, overrides: list[str]) -> dict:  # noqa: PLR09
     from efficiency import Shape
 
     from rahf.config import load_config
-    from rahf.method.step1_dual import ReplyOnlyCollator, sft_examples
+    from rahf.method.step1_dual import ReplyOnlyCollator, ReplySFTTrainer, sft_examples
     from rahf.models import load_model, load_tokenizer
     from rahf.runs import read_pairs
-    from rahf.trainer import GuardedTrainer, add_lora, training_arguments
+    from rahf.trainer import add_lora, training_arguments
 
     base = (work / "base.txt").read_text()
     method = "scit" if stage == "scit-step1" else "dual"
@@ -156,6 +159,7 @@ def _stage(stage: str, work: Path, overrides: list[str]) -> dict:  # noqa: PLR09
     args = training_arguments(config, train, work / "out" / stage, stage="bench")
     args = dataclasses.replace(args, save_strategy="no", logging_strategy="no", disable_tqdm=True)
     shapes: list[tuple[int, int, int]] = []
+    heads: list[int] = []  # LM-head positions per batch (rahf's step 1: reply tokens only)
 
     if stage in ("step1-preferred", "step1-dispreferred", "trl-sft"):
         side = "dispreferred" if stage == "step1-dispreferred" else "preferred"
@@ -168,13 +172,12 @@ def _stage(stage: str, work: Path, overrides: list[str]) -> dict:  # noqa: PLR09
             trainer.data_collator = _counting(trainer.data_collator, shapes)
         else:
             losses = None
-            trainer = GuardedTrainer(model=model, args=args, train_dataset=encoded,
-                                     data_collator=_counting(ReplyOnlyCollator(tokenizer.pad_token_id), shapes))
+            trainer = ReplySFTTrainer(model=model, args=args, train_dataset=encoded,
+                                      data_collator=_counting(ReplyOnlyCollator(tokenizer.pad_token_id), shapes, heads))
         timing = _timed_training(trainer)
         shape = Shape.of(model.config)
         lora = shape.lora(config.step1.lora.r, config.step1.lora.target_modules)
-        flops = sum(shape.forward(b, t, shape.blocks, lora, b * t) + shape.backward(b, t, shape.blocks, lora)
-                    + 2 * shape.hidden * shape.vocab * b * t for b, t, _ in shapes[1 : 1 + STEP1_STEPS])
+        flops = _step1_flops(shape, lora, shapes, heads)
         return {**timing, **_tokens(shapes[1 : 1 + STEP1_STEPS]), "flops": flops, "bf16": bool(args.bf16), "losses": losses}
 
     if stage == "scit-step1":
@@ -183,13 +186,12 @@ def _stage(stage: str, work: Path, overrides: list[str]) -> dict:  # noqa: PLR09
         torch.manual_seed(0)
         model = add_lora(load_model(base, dtype=config.dtype, device="cpu"), config.step1.lora)
         trainer = SCITTrainer(model=model, args=args, train_dataset=scit_examples(pairs, tokenizer, config),
-                              data_collator=_counting(SCITCollator(tokenizer.pad_token_id), shapes))
+                              data_collator=_counting(SCITCollator(tokenizer.pad_token_id), shapes, heads))
         trainer.label_smoothing = config.step1.label_smoothing
         timing = _timed_training(trainer)
         shape = Shape.of(model.config)
         lora = shape.lora(config.step1.lora.r, config.step1.lora.target_modules)
-        flops = sum(shape.forward(b, t, shape.blocks, lora, b * t) + shape.backward(b, t, shape.blocks, lora)
-                    + 2 * shape.hidden * shape.vocab * b * t for b, t, _ in shapes[1 : 1 + STEP1_STEPS])
+        flops = _step1_flops(shape, lora, shapes, heads)
         return {**timing, **_tokens(shapes[1 : 1 + STEP1_STEPS]), "flops": flops, "bf16": bool(args.bf16), "losses": None}
 
     # targets and export work on the fit stage's model (fresh step-1 adapters from --prepare)
@@ -229,6 +231,15 @@ def _stage(stage: str, work: Path, overrides: list[str]) -> dict:  # noqa: PLR09
     flops = sum(step_flops(shape, b, t, top=max(layers), truncate=config.fit.truncate_forward, frozen_lora=lora,
                            fit_lora=fit_lora, frozen_passes=True, trained_pass=False) for b, t, _ in shapes)
     return {**timing, **_tokens(shapes), "flops": flops, "bf16": bool(fit_args.bf16), "losses": None}
+
+
+def _step1_flops(shape, lora: int, shapes: Sequence[tuple[int, int, int]], heads: Sequence[int]) -> float:
+    """Timed steps' FLOPs: blocks forward and backward, and the LM head (forward and input
+    gradient) where it runs: every position (TRL, ``heads`` empty) or the reply tokens (rahf)."""
+    timed = shapes[1 : 1 + STEP1_STEPS]
+    head_rows = heads[1 : 1 + STEP1_STEPS] if heads else [b * t for b, t, _ in timed]
+    return sum(shape.forward(b, t, shape.blocks, lora, rows) + shape.backward(b, t, shape.blocks, lora)
+               + 2 * shape.hidden * shape.vocab * rows for (b, t, _), rows in zip(timed, head_rows, strict=True))
 
 
 def _tokens(shapes: Sequence[tuple[int, int, int]]) -> dict:

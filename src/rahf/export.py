@@ -58,16 +58,17 @@ def write_adapter(fit_adapter: Path, out: Path, base: str) -> None:
 def write_merged(adapter: Path, out: Path, tokenizer, *, dtype: str = "float32") -> None:
     from peft import PeftModel
 
-    from rahf.models import load_model
+    from rahf.models import load_model, loading_alone
 
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(load_model(base, dtype=dtype, device="cpu"), str(adapter))
 
     def build(tmp: Path) -> None:
         model.merge_and_unload().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    atomic_dir(out, build)
+    with loading_alone():  # the main process alone runs export (ZeRO-3 would partition collectively)
+        model = PeftModel.from_pretrained(load_model(base, dtype=dtype, device="cpu"), str(adapter))
+        atomic_dir(out, build)
 
 
 def write_logs(logs: dict[str, list[dict]], out: Path, *, extra: list[dict] | None = None) -> None:

@@ -171,23 +171,52 @@ def pad_batch(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tenso
     }
 
 
+def predicting_mask(reply_start: torch.Tensor, reply_len: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(batch, seq_len) bool: True at the positions whose logits predict a reply token.
+
+    Reply token ``t`` sits at ``reply_start + t`` and is predicted from position
+    ``reply_start + t - 1``; flattened row by row, the True positions are the reply tokens in the
+    order of :func:`reply_mask`. Needs ``reply_start >= 1`` (a first token has no prediction).
+    """
+    if bool((reply_start < 1).any()):
+        raise ValueError("a reply starts at position 0: its first token has no prediction (empty prompt)")
+    positions = torch.arange(seq_len, device=reply_start.device)[None, :]
+    first = (reply_start - 1)[:, None]
+    return (positions >= first) & (positions < first + reply_len[:, None])
+
+
+def logits_at(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """LM-head logits at the True positions of ``keep`` (batch, seq): (n_true, vocab), row by row.
+
+    The head is the largest matmul of a small model's pass (vocab x hidden per position); training
+    losses read it only on reply tokens, so it runs only there (``logits_to_keep`` as a mask). The
+    call goes through the top-level model, so DDP / FSDP / PEFT wrappers see it.
+    """
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep
+    ).logits
+    expected = int(keep.sum())
+    if logits.dim() != 2 or logits.shape[0] != expected:
+        name = type(unwrap(model)).__name__
+        raise ValueError(
+            f"{name} ignores a boolean logits_to_keep mask (got logits {tuple(logits.shape)}, expected "
+            f"({expected}, vocab)): this model is not supported for reply-only losses"
+        )
+    return logits
+
+
 def reply_token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Log-probability of each reply token given everything before it: (batch, reply_width).
 
-    Entries past an example's reply are 0.
+    Entries past an example's reply are 0. The LM head runs on the reply's predicting positions
+    only (:func:`logits_at`).
     """
+    input_ids = batch["input_ids"]
     width = int(batch["reply_len"].max())
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+    keep = predicting_mask(batch["reply_start"], batch["reply_len"], input_ids.shape[1])
+    logits = logits_at(model, batch, keep).float()
     # The token at position p is predicted by the logits at p - 1.
-    predicting = gather_reply(logits, batch["reply_start"] - 1, width).float()
-    tokens = torch.gather(
-        batch["input_ids"],
-        1,
-        (batch["reply_start"][:, None] + torch.arange(width, device=logits.device)[None, :]).clamp(
-            max=batch["input_ids"].shape[1] - 1
-        ),
-    )
-    logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-    return logprobs * reply_mask(batch["reply_len"], width)
+    tokens = input_ids.roll(-1, dims=1)[keep]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    out = torch.zeros((input_ids.shape[0], width), dtype=logprobs.dtype, device=logprobs.device)
+    return out.masked_scatter(reply_mask(batch["reply_len"], width), logprobs)

@@ -12,6 +12,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -154,6 +156,29 @@ def load_model(
     except OSError as err:
         raise ModelError(f"cannot load model '{name_or_path}': {err}") from err
     return model.to(device)
+
+
+@contextmanager
+def loading_alone() -> Iterator[None]:
+    """Model loads inside run in this process alone, as ordinary (unpartitioned) models.
+
+    Under DeepSpeed ZeRO-3 ``from_pretrained`` partitions every parameter as it is created
+    (``deepspeed.zero.Init``, a collective): a load that only rank 0 makes (the readiness check,
+    export) would wait for ranks that are waiting in a barrier. Transformers enters that path
+    while its global ZeRO-3 config is set; it is unset here and restored after.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter for the object itself
+    active = ref() if ref is not None else None
+    if active is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def model_config(name_or_path: str):

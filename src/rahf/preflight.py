@@ -32,6 +32,7 @@ def preflight(config: AlignConfig) -> None:
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
     _check_report_to(config.report_to)
+    _check_engine(config)
     names = _module_names(config.model)
     for key, lora in (("step1.lora", None if config.step1.full_finetune else config.step1.lora), ("fit.lora", config.fit.lora)):
         if lora is None or not names or lora.target_modules == ["all-linear"]:
@@ -43,6 +44,17 @@ def preflight(config: AlignConfig) -> None:
                 f"{key}.target_modules {missing} not found in {config.model}; its module names include"
                 f" {', '.join(leaves[:20])} (or use ['all-linear'])"
             )
+
+
+def _check_engine(config: AlignConfig) -> None:
+    """An FSDP launch on CPU ranks would run unsharded (as DDP): refuse it before any weights load.
+    Elsewhere :func:`rahf.trainer.trainer_arguments` checks accelerate's own state."""
+    import torch
+
+    from rahf.trainer import refuse_unsharded_fsdp
+
+    if config.device == "cpu" or not torch.cuda.is_available():
+        refuse_unsharded_fsdp("MULTI_CPU")
 
 
 def _module_names(model: str) -> list[str]:

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import errno
 import math
+import os
 import shutil
 import signal
 import sys
@@ -36,7 +37,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rahf import console
-from rahf.config import AlignConfig, LoraSettings, TrainSettings
+from rahf.config import AlignConfig, ConfigError, LoraSettings, TrainSettings
 from rahf.faults import fault_point, poisoned
 from rahf.io import (
     HASH_LIMIT,
@@ -174,12 +175,43 @@ def trainer_arguments(
         disable_tqdm=console.is_quiet(),  # the bar itself is StageProgress (train_resumably)
         use_cpu=use_cpu,
     )
+    _ = base.device  # sets up accelerate's process state, as the Trainer would
+    refuse_unsharded_fsdp(base.distributed_state.distributed_type if base.distributed_state else None)
     if cls is TrainingArguments and not extra:
         return base
     values = base.to_dict()
     values["hub_token"] = base.hub_token  # to_dict masks tokens
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return cls(**{k: v for k, v in values.items() if k in names and k not in extra}, **extra)
+
+
+# Where accelerate 1.15 turns a requested FSDP into FSDP (``AcceleratorState``): multi-device
+# accelerator processes. Anywhere else (CPU ranks: ``MULTI_CPU``) the request is dropped.
+FSDP_CAPABLE = ("MULTI_GPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_NPU", "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON")
+
+
+def fsdp_requested() -> bool:
+    """``accelerate launch`` with an FSDP config (``configs/accelerate/fsdp.yaml``) sets this."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def refuse_unsharded_fsdp(distributed_type) -> None:
+    """FSDP requested where accelerate will not shard: refuse rather than train as plain DDP.
+
+    ``distributed_type`` is accelerate's ``DistributedType`` of this process (or its value, or
+    None when there is no distributed state). On CPU ranks accelerate ignores the request without
+    a word, so an "FSDP" run would hold the whole model on every rank.
+    """
+    if not fsdp_requested():
+        return
+    kind = getattr(distributed_type, "value", distributed_type) or "NO"
+    if kind in FSDP_CAPABLE or kind == "FSDP":
+        return
+    raise ConfigError(
+        f"FSDP was requested (ACCELERATE_USE_FSDP=true, e.g. configs/accelerate/fsdp.yaml) but these processes run"
+        f" as {kind}: accelerate shards only across GPUs/accelerators, so nothing would be sharded. On CPU launch"
+        " with configs/accelerate/ddp.yaml instead; for FSDP run the same config on GPUs"
+    )
 
 
 def trainable_model(config: AlignConfig, path: str, lora: LoraSettings | None, *, blocks: Sequence[int] | None = None):

@@ -22,18 +22,19 @@ size ~0.2. The control run (one process, batch ``b``: another schedule) must end
 
 FSDP on CPU: accelerate 1.15 selects FSDP only on accelerator devices. On CPU
 (``Trainer(use_cpu=True)``) ``AcceleratorState`` sets ``MULTI_CPU`` before its FSDP branch,
-which sits under the ``MULTI_GPU``/``MULTI_XPU``/... case, so ``fsdp.yaml`` runs as DDP: the
-run matches one process, but nothing is sharded (``test_fsdp_config_shards_on_cpu`` is a strict
-xfail that says so). PyTorch's FSDP2 itself works on CPU/gloo with PEFT adapter switching
+which sits under the ``MULTI_GPU``/``MULTI_XPU``/... case, so ``fsdp.yaml`` would run as DDP
+with nothing sharded (``test_fsdp_config_shards_on_cpu`` is a strict xfail that says so). rahf
+refuses that launch (preflight and ``trainer_arguments``: ``rahf: error: FSDP was requested ...``)
+rather than run it unsharded (``test_fsdp_config_on_cpu_is_refused``). PyTorch's FSDP2 itself
+works on CPU/gloo with PEFT adapter switching
 (``test_torch_fsdp2_with_adapter_switching_matches_one_process``).
 
 DeepSpeed (not a rahf dependency; 0.19.8 installs from source here and runs on its CPU
-accelerator over gloo): ZeRO-2 matches one process (tested where deepspeed is importable).
-ZeRO-3 trains step 1 and the fit to the same adapters (1.8e-6 with ``step1.readiness_pairs=0``)
-but hangs in the rank-0-only stages: the readiness check and export load models with
-``from_pretrained`` on rank 0 alone while ZeRO-3's global config makes ``from_pretrained``
-partition every parameter with a broadcast (``deepspeed.zero.Init``), which rank 1, waiting
-in a barrier, never joins. Not tested here for that reason (RELIABILITY.md, "Scale-out").
+accelerator over gloo): ZeRO-2 and ZeRO-3 match one process (tested where deepspeed is
+importable). Under ZeRO-3 the rank-0-only stages (the readiness check, export) load models
+outside transformers' ZeRO-3 hook (``rahf.models.loading_alone``); inside it,
+``from_pretrained`` partitions every parameter collectively (``deepspeed.zero.Init``) and rank 0
+waited there for rank 1, which waited in a barrier (RELIABILITY.md, "Scale-out").
 """
 
 from __future__ import annotations
@@ -165,21 +166,35 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path, assets, one_process):
     assert max(diff.values()) <= TOL, diff
 
 
-def test_fsdp_config_on_cpu_runs_and_matches_one_process(tmp_path, assets, one_process):
-    """What ``fsdp.yaml`` gives on CPU today: a correct 2-rank run (as DDP, see the module doc)."""
-    run_dir, result = _two_ranks(assets, tmp_path, "fsdp.yaml")
-    diff = differences(run_dir, one_process)
-    assert max(diff.values()) <= TOL, diff
+def test_fsdp_config_on_cpu_is_refused(tmp_path, assets):
+    """On CPU ranks accelerate would run ``fsdp.yaml`` as DDP, nothing sharded (module doc):
+    ``rahf align`` refuses it in one line on each rank, before any stage starts."""
+    result = _run(_launch("fsdp.yaml", _align(assets, tmp_path / "run", PER_RANK_BATCH)))
+    assert result.returncode != 0
+    assert result.stderr.count("rahf: error: FSDP was requested") == 2, result.stderr[-3000:]
+    assert "configs/accelerate/ddp.yaml" in result.stderr
+    assert "rahf: stage" not in result.stdout
 
 
 def test_deepspeed_zero2_two_cpu_ranks_match_one_process(tmp_path, assets, one_process):
     """DeepSpeed is not a rahf dependency: this runs where it is installed (0.19.8 builds and runs
-    on CPU here: its CPU accelerator over gloo). ZeRO-3 is not tested: it hangs (module doc)."""
+    on CPU here: its CPU accelerator over gloo)."""
     pytest.importorskip("deepspeed")
     run_dir, result = _two_ranks(assets, tmp_path, "deepspeed-zero2.yaml")
     diff = differences(run_dir, one_process)
     assert max(diff.values()) <= TOL, diff
 
+
+
+def test_deepspeed_zero3_two_cpu_ranks_match_one_process(tmp_path, assets, one_process):
+    """ZeRO-3 partitions every parameter across the ranks. The readiness check and export load
+    models on rank 0 alone, outside ZeRO-3's collective partitioning (``models.loading_alone``):
+    before that, rank 0 waited in ``deepspeed.zero.Init`` for rank 1, which waited in a barrier."""
+    pytest.importorskip("deepspeed")
+    run_dir, result = _two_ranks(assets, tmp_path, "deepspeed-zero3.yaml")
+    assert "readiness" in result.stdout  # the rank-0-only check ran, and the run went on past it
+    diff = differences(run_dir, one_process)
+    assert max(diff.values()) <= TOL, diff
 
 PROBE = textwrap.dedent("""
     import json, os, sys

@@ -27,6 +27,7 @@ from rahf.method.readiness import (
     not_separated_line,
     train_until_separated,
 )
+from rahf.models import loading_alone
 from rahf.trainer import TrainingError
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ def step1_with_readiness(
         if is_main_process():
             cached = read_marker(path) or {}
             if cached.get("step1") != digest:
-                result = method.readiness(plan, run, held, source=source, steps=steps)
+                with loading_alone():  # main process only: no collective (ZeRO-3) loads
+                    result = method.readiness(plan, run, held, source=source, steps=steps)
                 atomic_write_json(path, {"step1": digest, "result": result.to_dict()})
         wait_for_everyone()
         result = Readiness.from_dict(json.loads(Path(path).read_text())["result"])

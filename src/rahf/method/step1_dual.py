@@ -19,7 +19,7 @@ import torch
 from rahf.config import AlignConfig
 from rahf.data.render import Encoded, encode
 from rahf.data.schema import PreferencePair
-from rahf.hidden_states import pad_batch
+from rahf.hidden_states import logits_at, pad_batch
 from rahf.trainer import GuardedTrainer, add_lora, train_stage, trainable_model, training_arguments
 
 Side = Literal["preferred", "dispreferred"]
@@ -59,6 +59,26 @@ class ReplyOnlyCollator:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
+def reply_sft_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood over the batch's label tokens (those not -100).
+
+    The causal-LM loss of Hugging Face models (shifted labels, token mean), with the LM head run
+    only at the positions that predict a label: a reply is a small share of each row.
+    """
+    labels = inputs["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position p predicts token p + 1
+    logits = logits_at(model, inputs, keep).float()
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep[:, :-1]])
+
+
+class ReplySFTTrainer(GuardedTrainer):
+    """Step 1b's trainer: :func:`reply_sft_loss` on :class:`ReplyOnlyCollator` batches."""
+
+    def stage_loss(self, model, inputs: dict) -> torch.Tensor:
+        return reply_sft_loss(model, inputs)
+
+
 def train_side(plan: RunPlan, pairs: Sequence[PreferencePair], side: Side, out: Path) -> dict:
     """Fine-tune one side and save it under ``out``; returns ``{"log": records, "steps": n}``."""
     config, step1 = plan.config, plan.config.step1
@@ -68,7 +88,7 @@ def train_side(plan: RunPlan, pairs: Sequence[PreferencePair], side: Side, out: 
 
         return train_side_preference(plan, pairs, side, out, merged=merged)
     model = trainable_model(config, plan.model_path, None if step1.full_finetune else step1.lora)
-    trainer = GuardedTrainer(
+    trainer = ReplySFTTrainer(
         model=model,
         args=training_arguments(config, step1.train, out / "checkpoints", stage=f"step1-{side}"),
         train_dataset=sft_examples(pairs, plan.tokenizer, config, side),
