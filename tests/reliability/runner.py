@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,25 @@ def run_subprocess(argv: list[str], *, fault: str | None = None, timeout: float 
         env["RAHF_FAULT"] = fault
     proc = subprocess.run([sys.executable, "-m", "rahf.cli", *argv], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: a rendezvous port for a 2-rank launch."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> Result:
+    """Wait for a process started with ``start_new_session=True``; on timeout kill its whole group
+    (a launcher and its ranks: nothing left behind) and re-raise."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return Result(proc.returncode, stdout, stderr)
 
 
 def copy_run(reference: Path, dest: Path) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,16 @@ from pathlib import Path
 import pytest
 
 from rahf.runlock import LOCK_NAME, RunLock, holder_alive, read_holder
-from reliability.runner import ROOT, Result, adapter_difference, assert_no_traceback
+from reliability.runner import (
+    ROOT,
+    Result,
+    adapter_difference,
+    assert_no_traceback,
+    finish,
+    free_port,
+)
 
 pytestmark = pytest.mark.multiprocess
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _env(fault: str | None) -> dict[str, str]:
@@ -53,16 +53,6 @@ def start_launcher(argv: list[str], *, fault: str | None = None) -> subprocess.P
     ]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> Result:
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: nothing left behind
-        proc.communicate()
-        raise
-    return Result(proc.returncode, stdout, stderr)
 
 
 def launch(argv: list[str], *, fault: str | None = None, timeout: float = 300) -> Result:

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -50,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability.runner import ROOT, Result
+from reliability.runner import ROOT, Result, finish, free_port
 
 pytestmark = pytest.mark.multiprocess
 
@@ -67,12 +65,6 @@ SETTINGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAHF_FAULT", None)
@@ -82,18 +74,12 @@ def _env() -> dict[str, str]:
 def _run(cmd: list[str], timeout: float = 300) -> Result:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: nothing left behind
-        proc.communicate()
-        raise
-    return Result(proc.returncode, stdout, stderr)
+    return finish(proc, timeout)
 
 
 def _launch(config: str, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
-            "--num_processes", "2", "--main_process_port", str(_free_port()), *args]
+            "--num_processes", "2", "--main_process_port", str(free_port()), *args]
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +261,7 @@ def test_torch_fsdp2_with_adapter_switching_matches_one_process(tmp_path, assets
     single = _run([sys.executable, str(script), model, str(tmp_path / "one.pt")])
     assert single.returncode == 0, single.stderr[-3000:]
     ranks = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                  str(_free_port()), str(script), model, str(tmp_path / "two.pt")])
+                  str(free_port()), str(script), model, str(tmp_path / "two.pt")])
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["sharded"] == ["Parameter"] and two["sharded"] == ["DTensor"]  # really sharded
