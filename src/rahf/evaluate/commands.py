@@ -248,8 +248,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steer:
         from rahf.steering.steer import steering_from_file
 
-        steer, model_id = steering_from_file(model, args.steer, strength=args.strength, layers=args.layers,
-                                             model_id=model_id)
+        open_steering, model_id = steering_from_file(model, args.steer, strength=args.strength, layers=args.layers,
+                                                     model_id=model_id)
+        steer = open_steering()
     with steer:
         turns = generate_turns(
             model, tokenizer, items, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

@@ -100,14 +100,9 @@ def _load_models(config: EvalConfig, report: EvalReport) -> _Models:
         from rahf.steering.steer import steering_from_file
 
         model, _, info = evaluated["model"]
-
-        def context() -> AbstractContextManager:
-            return steering_from_file(model, config.steer, strength=config.steer_strength,
-                                      layers=config.steer_layers, model_id=info.fingerprint)[0]
-
-        identity = steering_from_file(model, config.steer, strength=config.steer_strength,
-                                      layers=config.steer_layers, model_id=info.fingerprint)[1]
-        models.steering["model"] = (context, identity)  # bad file / layers fail here, before any scoring
+        # read once; a bad file, layer or hidden size fails here, before any scoring
+        models.steering["model"] = steering_from_file(model, config.steer, strength=config.steer_strength,
+                                                      layers=config.steer_layers, model_id=info.fingerprint)
         report.models["model"].steer = {"file": config.steer, "strength": config.steer_strength,
                                         "layers": config.steer_layers}
     return models

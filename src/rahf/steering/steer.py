@@ -16,7 +16,7 @@ include the shift); ``rahf.hidden_states.capture_blocks`` opened inside the ``st
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -75,8 +75,10 @@ def steering_id(model_id: str, vectors: Mapping[int, torch.Tensor], strength: fl
 
 def steering_from_file(
     model: nn.Module, path: str, *, strength: float | None, layers: str | Sequence[int] | None, model_id: str
-) -> tuple[AbstractContextManager, str]:
-    """``(steering context, generation-cache identity)`` for ``rahf generate --steer FILE``."""
+) -> tuple[Callable[[], AbstractContextManager], str]:
+    """``(steering, generation-cache identity)`` for ``--steer FILE``: each ``steering()`` call opens
+    a fresh steering block, so one read of the file serves every pass (``rahf eval`` steers each
+    pairs and prompt file in turn)."""
     from rahf.data.schema import DataError
     from rahf.steering.control_vector import load_vectors
 
@@ -94,8 +96,8 @@ def steering_from_file(
     if hidden != vectors.hidden_size:
         raise DataError(f"{path}: vectors have {vectors.hidden_size} dimensions but the model's hidden size is"
                         f" {hidden}: they were read from another model")
-    context = steering(model, vectors.vectors, strength=strength, layers=chosen)
-    return context, steering_id(model_id, vectors.vectors, strength, chosen)
+    return (lambda: steering(model, vectors.vectors, strength=strength, layers=chosen),
+            steering_id(model_id, vectors.vectors, strength, chosen))
 
 
 def sweep_generations(
