@@ -1,8 +1,10 @@
 """Generation: batched = unbatched, cache hits on rerun, MT-Bench turn order, prompt files."""
 
+import copy
 import json
 
 import pytest
+import torch
 
 from rahf.data.schema import DataError
 from rahf.evaluate.generation import GenerationCache, generate, generate_turns
@@ -45,6 +47,21 @@ def test_second_call_reads_the_cache(tiny, tmp_path, monkeypatch):
     assert generate(model, tokenizer, CONVERSATIONS, max_new_tokens=5, cache=cache, progress=False) == first
     with pytest.raises(AssertionError, match="cache hit"):  # other settings -> other key -> a miss
         generate(model, tokenizer, CONVERSATIONS, max_new_tokens=4, cache=cache, progress=False)
+
+
+def test_cache_separates_weight_dtypes(tiny, tmp_path, monkeypatch):
+    """The same model id in bf16 generates other greedy replies than in fp32: it must not hit fp32's entries."""
+    model, tokenizer = tiny
+    cache = GenerationCache(tmp_path / "cache")
+    generate(model, tokenizer, CONVERSATIONS, max_new_tokens=5, cache=cache, model_id="same", progress=False)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("model.generate called on a cache miss")
+
+    monkeypatch.setattr(half, "generate", no_generate)
+    with pytest.raises(AssertionError, match="cache miss"):
+        generate(half, tokenizer, CONVERSATIONS, max_new_tokens=5, cache=cache, model_id="same", progress=False)
 
 
 def test_sampling_is_seeded(tiny):

@@ -129,3 +129,34 @@ def test_cli_eval_user_errors_exit_2(tmp_path, capsys):
     assert main(["eval", "--model", "smollm2", "--out", str(tmp_path)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", "compare", str(tmp_path / "missing")]) == 2
+
+
+def test_reward_model_accuracy_is_scored_once_per_rm_and_pairs(tmp_path, monkeypatch):
+    """The RM's pair accuracy depends on the RM and the pairs only: a second evaluation reads it back."""
+    from types import SimpleNamespace
+
+    from rahf.data.schema import PreferencePair
+    from rahf.evaluate import run as eval_run
+    from rahf.evaluate.settings import EvalConfig
+
+    calls = []
+
+    def scored(rm, pairs, **kwargs):
+        calls.append(len(pairs))
+        return {"n": len(pairs), "mean_margin": 0.25 * len(calls)}
+
+    monkeypatch.setattr(eval_run, "pairwise_accuracy", scored)
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "model.safetensors").write_text("weights")
+    rm, boot = SimpleNamespace(path=tmp_path / "rm"), {"resamples": 10, "seed": 0}
+    config = EvalConfig(model="m", pairs=["p.jsonl"], cache_dir=str(tmp_path / "cache"))
+    pairs = [PreferencePair(({"role": "user", "content": "Hi"},), "Hello", "Go away")]
+    first = eval_run._reward_model_accuracy(config, rm, pairs, boot)
+    assert eval_run._reward_model_accuracy(config, rm, pairs, boot) == first == {"n": 1, "mean_margin": 0.25}
+    assert calls == [1]
+    eval_run._reward_model_accuracy(config, rm, [PreferencePair(pairs[0].prompt, "Hello!", "Go away")], boot)
+    eval_run._reward_model_accuracy(config, rm, pairs, {"resamples": 10, "seed": 1})
+    (tmp_path / "rm" / "model.safetensors").write_text("retrained weights")
+    eval_run._reward_model_accuracy(config, rm, pairs, boot)
+    eval_run._reward_model_accuracy(EvalConfig(model="m", pairs=["p.jsonl"], cache=False, cache_dir=str(tmp_path / "cache")), rm, pairs, boot)
+    assert calls == [1, 1, 1, 1, 1]  # other pairs, other seed, another RM, no cache: each scored afresh

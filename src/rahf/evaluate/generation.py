@@ -115,6 +115,8 @@ def generate(
         "top_p": top_p if do_sample else None,
         "seed": seed if do_sample else None,
         "instruction": instruction,
+        # bf16 and fp32 weights give different greedy replies: the dtype is part of the identity.
+        "dtype": str(next(model.parameters()).dtype),
     }
     prompt_ids = [
         encode_prompt(tokenizer, conv, instruction=instruction, max_prompt_tokens=max_prompt_tokens)[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import numpy as np
 from rahf.data import load_preferences
 from rahf.evaluate.behaviour import behaviour_stats
 from rahf.evaluate.generation import GenerationCache, generate_turns
-from rahf.evaluate.loading import describe, load_for_eval
+from rahf.evaluate.loading import describe, folder_fingerprint, load_for_eval
 from rahf.evaluate.preference import preference_accuracy
 from rahf.evaluate.prompts import load_prompts
 from rahf.evaluate.report import environment
@@ -45,7 +46,8 @@ from rahf.evaluate.schema import (
 from rahf.evaluate.scoring import score_pairs
 from rahf.evaluate.settings import EvalConfig
 from rahf.evaluate.stats import bootstrap
-from rahf.io import atomic_write_text, file_digest
+from rahf.io import atomic_write_json, atomic_write_text, file_digest
+from rahf.models import cache_dir
 
 
 def source_name(path: str) -> str:
@@ -137,8 +139,28 @@ def _preference_stage(config: EvalConfig, models: _Models, report: EvalReport) -
         if "baseline" in margins:  # the same pairs under both models: pair-to-pair spread cancels
             entries["model"].margin_vs_baseline = bootstrap(margins["model"] - margins["baseline"], **boot)
         if models.reward_model is not None:
-            accuracy = pairwise_accuracy(models.reward_model, data.pairs, progress=config.progress, **boot)
+            accuracy = _reward_model_accuracy(config, models.reward_model, data.pairs, boot)
             report.reward_model_accuracy.append(RewardModelAccuracyEntry.from_dict({"source": source, **accuracy}))
+
+
+def _reward_model_accuracy(config: EvalConfig, rm: Any, pairs: list, boot: dict) -> dict:
+    """The RM's accuracy on ``pairs``, from the disk cache when an earlier evaluation scored them.
+
+    It depends on the RM and the pairs only, never on the evaluated model, and scoring both
+    replies of every pair with the RM costs as much as the model's own pass: comparing several
+    models on the same pairs should pay for it once.
+    """
+    if not config.cache:
+        return pairwise_accuracy(rm, pairs, progress=config.progress, **boot)
+    blob = json.dumps({"rm": folder_fingerprint(str(rm.path)), **boot,
+                       "pairs": [[p.prompt_text(), p.chosen, p.rejected] for p in pairs]}, sort_keys=True)
+    root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "generations"
+    path = root / "reward-accuracy" / f"{hashlib.sha256(blob.encode()).hexdigest()}.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    accuracy = pairwise_accuracy(rm, pairs, progress=config.progress, **boot)
+    atomic_write_json(path, accuracy)
+    return accuracy
 
 
 def _generation_stage(config: EvalConfig, models: _Models, report: EvalReport) -> list[dict]:

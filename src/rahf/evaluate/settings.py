@@ -56,7 +56,7 @@ class EvalConfig:
     max_reply_tokens: int = field(default=256, metadata={"help": "reply tokens scored per pair"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and the bootstrap"})
     resamples: int = field(default=DEFAULT_RESAMPLES, metadata={"help": "bootstrap resamples"})
-    cache: bool = field(default=True, metadata={"help": "reuse generations from the disk cache"})
+    cache: bool = field(default=True, metadata={"help": "reuse generations and the RM's pair scores from the disk cache"})
     cache_dir: str | None = field(default=None, metadata={"help": "default: <rahf cache>/generations"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda if available)"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights' dtype"})
