@@ -142,7 +142,8 @@ replies (length-controlled), with reply tokens vs base, limit-hit, 4-gram repeti
 
 ![validation margin change from the base per method](docs/img/quality.png)
 
-Tuning (seed 0, validation split only; 4 settings per method). Pick: the highest mean margin − base over
+Tuning (seed 0, validation split only; 4 settings per method; done so far: {sum(1 for r in state['tune'].values() if r)} of
+{len(state['tune'])}, and a pick is made among the done ones). Pick: the highest mean margin − base over
 both sources among the settings that keep every guard ({GUARDS}); if none does, the highest overall.
 
 {chr(10).join(tried)}

@@ -240,7 +240,14 @@ class RunConfig:
         metadata={"help": "bf16 autocast with fp32 LoRA weights: auto = where bf16 is native (bf16 GPUs, CPUs with AVX-512 BF16/AMX) unless dtype is float32"},
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default cuda if available"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    gradient_checkpointing: bool | Literal["auto"] = field(
+        default="auto",
+        metadata={"help": "recompute activations in the backward (less memory, ~10% slower): true, false, or auto = on only for a stage whose estimated peak exceeds memory_budget_gb"},
+    )
+    memory_budget_gb: float | None = field(
+        default=None,
+        metadata={"help": "memory a training stage may use (GB), for gradient_checkpointing auto; default: what the process holds plus what the device has free"},
+    )
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "Trainer loggers: tensorboard, wandb, ..."})
     logging_steps: int = field(default=5, metadata={"help": "log the loss every N steps"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (resume point)"})
@@ -259,6 +266,9 @@ class RunConfig:
             raise ConfigError(f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}")
         if self.max_reply_tokens is not None and self.max_reply_tokens < 1:
             raise ConfigError(f"max_reply_tokens must be >= 1, got {self.max_reply_tokens}")
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "auto":
+            raise ConfigError(f"gradient_checkpointing must be true, false or auto, got {self.gradient_checkpointing!r}")
+        _positive("memory_budget_gb", self.memory_budget_gb, allow_none=True)
         if self.data_columns is not None:  # normalised to a mapping, so config.yaml shows one
             from rahf.data.formats import parse_columns
             from rahf.data.schema import DataError

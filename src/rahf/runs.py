@@ -35,8 +35,9 @@ from rahf.io import (
     wait_for_everyone,
 )
 
-# Settings that do not change results; a rerun may change them freely.
-_COSMETIC = {"report_to", "logging_steps", "run_dir", "device"}
+# Settings that do not change results; a rerun may change them freely. Gradient checkpointing
+# recomputes the same activations (tests/test_memory_budget.py): the weights do not change.
+_COSMETIC = {"report_to", "logging_steps", "run_dir", "device", "gradient_checkpointing", "memory_budget_gb"}
 
 
 class RunDir:
@@ -102,7 +103,7 @@ class RunDir:
                     " restore it, use another --run-dir, or --overwrite to start again"
                 )
             saved = config.upgrade_saved(saved)  # a folder an older rahf wrote, in today's keys
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            changed = sorted(k for k in set(saved) | set(current) if k not in _COSMETIC and saved.get(k) != current.get(k))
             if changed:
                 raise ConfigError(
                     f"{self.root} holds a run with a different configuration ({', '.join(changed)} differ):"

@@ -128,13 +128,44 @@ def training_arguments(
     config: AlignConfig, train: TrainSettings, output_dir: Path, *, stage: str, cls: type = TrainingArguments, **extra
 ) -> TrainingArguments:
     """A stage's Trainer arguments: ``train`` is its budget, ``config`` the run-wide settings
-    (logging, checkpoints, seed, precision, device). See :func:`trainer_arguments`."""
-    return trainer_arguments(
-        train, output_dir, cls=cls, seed=config.seed, bf16=use_bf16(config),
-        use_cpu=(config.device == "cpu") or not torch.cuda.is_available(), logging_steps=config.logging_steps,
-        save_steps=config.save_steps, report_to=config.report_to, run_name=f"{Path(config.run_dir).name}-{stage}",
-        checkpointing=config.gradient_checkpointing, **extra,
-    )
+    (logging, checkpoints, seed, precision, device). See :func:`trainer_arguments`.
+
+    Gradient checkpointing is decided here (:func:`rahf.memory.choose_checkpointing`); the
+    decision is on the arguments as ``rahf_checkpointing`` (:func:`train_stage` records it in the
+    stage's result) and, for ``auto``, printed in one line. Ranks of a distributed run agree:
+    on if any rank needs it, so all run the same backward."""
+    from rahf.memory import choose_checkpointing
+
+    choice = choose_checkpointing(config, train, stage)
+
+    def build(checkpointing: bool) -> TrainingArguments:
+        return trainer_arguments(
+            train, output_dir, cls=cls, seed=config.seed, bf16=use_bf16(config),
+            use_cpu=(config.device == "cpu") or not torch.cuda.is_available(), logging_steps=config.logging_steps,
+            save_steps=config.save_steps, report_to=config.report_to, run_name=f"{Path(config.run_dir).name}-{stage}",
+            checkpointing=checkpointing, **extra,
+        )
+
+    args = build(choice.enabled)
+    agreed = _agreed_flag(choice.enabled, args.device)
+    if agreed != choice.enabled:  # another rank's estimate is over its budget
+        choice = dataclasses.replace(choice, enabled=agreed, budget_from=f"{choice.budget_from}; on for another rank")
+        args = build(agreed)
+    args.rahf_checkpointing = choice.record()
+    if choice.setting == "auto" and is_main_process():
+        console.info(choice.line())
+    return args
+
+
+def _agreed_flag(flag: bool, device) -> bool:
+    """``flag`` or-ed over the ranks of a distributed run (itself outside one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def trainer_arguments(
@@ -225,14 +256,17 @@ def trainable_model(config: AlignConfig, path: str, lora: LoraSettings | None, *
 
 def train_stage(trainer: Trainer, out: Path, *, merged: bool, tokenizer=None, model=None) -> dict:
     """Run a built trainer as a stage: resume from ``out/checkpoints``, train, save the weights
-    (:func:`save_trained`). Returns ``{"log": per-step records, "steps": optimizer steps}``."""
+    (:func:`save_trained`). Returns ``{"log": per-step records, "steps": optimizer steps}`` and,
+    from :func:`training_arguments`, ``"checkpointing"``: whether it was on, and why."""
     log = next((c for c in trainer.callback_handler.callbacks if isinstance(c, LossLogCallback)), None)
     if log is None:
         log = LossLogCallback()
         trainer.add_callback(log)
     train_resumably(trainer)
     save_trained(model if model is not None else trainer.model, out, merged=merged, tokenizer=tokenizer)
-    return {"log": log.records, "steps": trainer.state.global_step}
+    result = {"log": log.records, "steps": trainer.state.global_step}
+    choice = getattr(trainer.args, "rahf_checkpointing", None)  # set by training_arguments
+    return result | ({"checkpointing": choice} if choice else {})
 
 
 class TrainingInterrupted(TrainingError):
