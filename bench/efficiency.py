@@ -1,7 +1,8 @@
 """Benchmark: the RAHF-Dual pipeline stage by stage, and the fit step per optimisation.
 
 On the embedded default model (SmolLM2-135M-Instruct, 30 blocks) with a fixed sample of the
-built-in pairs and a workload (``--workload realistic``: issue 15's measurement, batch 8, prompt
+built-in pairs (``--pairs-from alpacaeval``: AlpacaEval's dev pairs from ``../shared/data``, long
+prompts) and a workload (``--workload realistic``: issue 15's measurement, batch 8, prompt
 window 256, reply window 64, layers 10..20 step 2, alpha 5; ``demo``: the demo recipe's), one
 epoch of the fit step (frozen pattern passes + trained forward/backward + optimizer step,
 through ``FitTrainer`` exactly as ``rahf align`` runs it) is timed for:
@@ -12,7 +13,8 @@ through ``FitTrainer`` exactly as ``rahf align`` runs it) is timed for:
   the LM head; every role left-padded to the prompt window and right-padded to the reply window
   (fixed width); gradient checkpointing on; I+ as system prompt in all three inputs; bf16
   autocast with an fp32 trained copy.
-* ``default``: our defaults (adapters on one base, truncated forwards, length-grouped batches).
+* ``default``: our defaults (adapters on one base, truncated forwards, length-grouped batches,
+  each prompt run once for both replies of its pair).
 * one row per optimisation turned off from the default, and extra rows (bf16 autocast, cached
   targets as seen from the second epoch on, gradient checkpointing on).
 
@@ -25,7 +27,7 @@ its peak resident memory is its own; configurations alternate within each repeti
 table reports medians. This machine's fp32 (and bf16) matmul peak is measured in the same run.
 
     python bench/efficiency.py [--reps 3] [--pairs 8] [--threads N] [--rows a,b] [--stages a,b]
-                               [--workload realistic|demo] [--quick] [--no-write]
+                               [--workload realistic|demo] [--pairs-from builtin|alpacaeval] [--quick] [--no-write]
 
 FLOP count (analytic, documented in BENCHMARKS.md): per block and token a forward costs
 ``2 * P_block`` (P_block = weights of one block) plus LoRA ``2 * r * (in + out)`` per adapted
@@ -33,7 +35,8 @@ linear plus attention ``4 * heads * head_dim * T`` (full T x T, padding included
 explicit); the LM head costs ``2 * hidden * vocab`` per position it is computed on. The trained
 pass's backward runs only through blocks below the top target layer and computes input gradients
 of the frozen weights (``2 * P_block`` per token and block) plus input and weight gradients of
-the LoRA (2x its forward) and attention (2x its forward); gradient checkpointing adds the
+the LoRA (2x its forward) and attention (2x its forward); a shared-prompt pass counts its distinct
+prompts once and its replies' attention over prompt + reply keys; gradient checkpointing adds the
 trained pass's forward through those blocks once more. Padded tokens count: they are computed.
 """
 
@@ -59,6 +62,7 @@ from stages import STAGES
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 BATCH_SIZE = 4  # fit.train.batch_size default
+ALPACAEVAL = ROOT.parent / "shared" / "data" / "alpacaeval-prefs" / "dev.jsonl.gz"  # --pairs-from alpacaeval
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class Row:
     cached: bool = False  # time an epoch that reads cached targets (cache built before timing)
     fixed_window: bool = False  # every role padded to prompt window + reply window (reference layout)
     all_instruction: bool = False  # I+ as system prompt in all three inputs (reference code's Dual)
+    share: bool = True  # a prompt both replies of a pair share runs once per frozen model (issue 15)
+    share_trained: bool = False  # ... and once in the trained pass (FitTrainer option, off by default)
+    keep_pairs: bool = True  # batches hold whole pairs (without: the sampler before issue 15's shared prompt)
 
 
 REFERENCE = Row(
@@ -80,14 +87,19 @@ REFERENCE = Row(
     " gradient checkpointing, bf16 autocast (fp32 trained copy)",
     ("step1.dual_storage=full-copies", "fit.truncate_forward=false", "fit.batch_frozen=false",
      "fit.group_by_length=false", "mixed_precision=bf16", "gradient_checkpointing=true"),
-    orig_copy=True, fixed_window=True, all_instruction=True,
+    orig_copy=True, fixed_window=True, all_instruction=True, share=False,
 )
-DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped; bf16 autocast where native)")
+DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped, shared prompt; bf16 autocast where native)")
 FP32 = Row("fp32", "default - bf16 autocast (mixed_precision=no)", ("mixed_precision='no'",))
 BF16 = Row("bf16", "default + bf16 autocast (mixed_precision=bf16)", ("mixed_precision=bf16",))
 ROWS = [
     REFERENCE,
     DEFAULT,
+    Row("before", "default before the shared prompt (each reply's frozen passes run its prompt; pairs split"
+        " across batches)", share=False, keep_pairs=False),
+    Row("no-share", "default - shared prompt (each reply's passes run its prompt again; batches hold whole pairs)",
+        share=False),
+    Row("share-trained", "default + shared prompt in the trained pass too (share_trained_prompt)", share_trained=True),
     Row("no-truncate", "default - truncated forward", ("fit.truncate_forward=false",)),
     Row("no-grouping", "default - group_by_length", ("fit.group_by_length=false",)),
     Row("full-copies", "default - adapters (2 merged copies)", ("step1.dual_storage=full-copies",)),
@@ -143,22 +155,49 @@ class Shape:
     def backward(self, b: int, t: int, blocks: int, lora: int) -> float:
         return blocks * (b * t * (2 * self.block_params + 2 * lora) + 2 * b * 4 * self.heads * self.head_dim * t * t)
 
+    def forward_split(self, split: Split, blocks: int, lora: int, head_positions: int) -> float:
+        """A shared-prompt pass: ``u`` prompts of width ``p``, then ``b`` replies of width ``r``
+        attending to ``p + r`` keys (``rahf.hidden_states.reply_hidden_states_shared``)."""
+        u, p, b, r = split
+        per_block = (u * p + b * r) * (2 * self.block_params + lora) + 4 * self.heads * self.head_dim * (u * p * p + b * r * (p + r))
+        return blocks * per_block + head_positions * 2 * self.hidden * self.vocab
+
+    def backward_split(self, split: Split, blocks: int, lora: int) -> float:
+        u, p, b, r = split
+        attention = 2 * 4 * self.heads * self.head_dim * (u * p * p + b * r * (p + r))
+        return blocks * ((u * p + b * r) * (2 * self.block_params + 2 * lora) + attention)
+
+
+Split = tuple[int, int, int, int]  # (distinct prompts, prompt width, rows, reply width) of a shared-prompt batch
+
 
 def step_flops(shape: Shape, b: int, t: int, *, top: int, truncate: bool, frozen_lora: int,
-               fit_lora: int, frozen_passes: bool, trained_pass: bool = True, recompute: bool = False) -> float:
+               fit_lora: int, frozen_passes: bool, trained_pass: bool = True, recompute: bool = False,
+               split: Split | None = None, frozen_split: bool = False, trained_split: bool = False) -> float:
     """FLOPs of one Dual fit step on a (b, t) batch (all three roles have the same width here).
 
     ``recompute``: gradient checkpointing runs the trained pass's forward again, during the
-    backward, through the blocks the backward reaches (those below the top target layer)."""
+    backward, through the blocks the backward reaches (those below the top target layer).
+    ``split``: the batch's shared-prompt shape, used by the frozen passes (``frozen_split``) and
+    the trained pass (``trained_split``) when they run each distinct prompt once."""
     blocks = top if truncate else shape.blocks
     head = b if truncate else b * t
+
+    def forward(n_blocks: int, lora: int, shared: bool, with_head: bool = True) -> float:
+        if shared and split is not None:  # the prompt call's head runs on 1 position per row
+            u, _, rows, r = split
+            return shape.forward_split(split, n_blocks, lora, (u + (rows if truncate else rows * r)) * with_head)
+        return shape.forward(b, t, n_blocks, lora, head * with_head)
+
     total = 0.0
     if frozen_passes:  # orig (no adapter), preferred and dispreferred (step-1 adapter or merged copy)
-        total += shape.forward(b, t, blocks, 0, head) + 2 * shape.forward(b, t, blocks, frozen_lora, head)
+        total += forward(blocks, 0, frozen_split) + 2 * forward(blocks, frozen_lora, frozen_split)
     if trained_pass:
-        total += shape.forward(b, t, blocks, fit_lora, head) + shape.backward(b, t, top, fit_lora)
+        shared = trained_split and split is not None
+        total += forward(blocks, fit_lora, shared)
+        total += shape.backward_split(split, top, fit_lora) if shared else shape.backward(b, t, top, fit_lora)
         if recompute:
-            total += shape.forward(b, t, top, fit_lora, 0)
+            total += forward(top, fit_lora, shared, with_head=False)
     return total
 
 
@@ -190,19 +229,29 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def make_step1(work: Path, pairs: int, seed: int) -> None:
+def pair_sample(source: str, n: int) -> list:
+    """The first ``n`` pairs of ``source``: the built-in pairs (short prompts), or AlpacaEval's dev
+    pairs (``../shared/data``; long prompts, one pair per prompt first: ``interleave_by_prompt``)."""
+    from rahf.data import load_preferences
+
+    if source == "builtin":
+        return load_preferences("builtin").pairs[:n]
+    from benchlib import interleave_by_prompt
+
+    return interleave_by_prompt(load_preferences(str(ALPACAEVAL), limit=max(n * 20, 400)).pairs)[:n]
+
+
+def make_step1(work: Path, pairs: int, seed: int, source: str = "builtin") -> None:
     """Fresh Dual step-1 outputs (adapter/ and merged/ per side) and the fixed pair sample."""
     import torch
 
     from rahf.config import load_config
-    from rahf.data import load_preferences
     from rahf.models import load_model, resolve_model_path
     from rahf.runs import save_pairs
     from rahf.trainer import add_lora
 
     config = load_config(None, ["method=dual", "device=cpu"])
-    loaded = load_preferences("builtin").pairs
-    save_pairs(work / "pairs.jsonl", loaded[: pairs + BATCH_SIZE])  # the first BATCH_SIZE warm up
+    save_pairs(work / "pairs.jsonl", pair_sample(source, pairs + BATCH_SIZE))  # the first BATCH_SIZE warm up
     for offset, side in enumerate(("preferred", "dispreferred")):
         torch.manual_seed(seed + offset)
         model = add_lora(load_model("smollm2", device="cpu"), config.step1.lora)
@@ -213,6 +262,25 @@ def make_step1(work: Path, pairs: int, seed: int) -> None:
         model.save_pretrained(folder / "adapter")
         model.merge_and_unload().save_pretrained(folder / "merged")
     (work / "base.txt").write_text(resolve_model_path("smollm2"))
+
+
+def split_of(batch: dict, multiple: int) -> tuple[Split, int] | None:
+    """A batch's shared-prompt shape as ``rahf.hidden_states.reply_hidden_states_shared`` runs it
+    (widths rounded up to ``multiple``), and its real tokens (each distinct prompt once); None when
+    no prompt repeats (the one-call pass)."""
+    from rahf.hidden_states import shared_prompts
+
+    shared = shared_prompts(batch)
+    if shared is None:
+        return None
+    firsts, _ = shared
+    starts, lengths = batch["reply_start"], batch["reply_len"]
+
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    split = (len(firsts), up(max(int(starts.max()), 1)), len(starts), up(max(int(lengths.max()), 1)))
+    return split, int(starts[firsts].sum()) + int(lengths.sum())
 
 
 def workload_overrides(workload: dict) -> list[str]:
@@ -275,8 +343,11 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     examples = (reference_examples if row.all_instruction else fit_examples)(pairs, tokenizer, config)
     warm, timed = examples[:1], examples[2 * BATCH_SIZE:]  # the sample starts with BATCH_SIZE warm-up pairs
     timed = [dataclasses.replace(e, index=i) for i, e in enumerate(timed)]  # cache rows 0..n-1
+    if not row.keep_pairs:  # no pair ids: the length-grouped sampler as before issue 15's shared prompt
+        timed = [dataclasses.replace(e, pair=-1) for e in timed]
 
     shapes: list[tuple[int, int, int]] = []  # (batch, padded width, real tokens) of each orig batch
+    splits: list[tuple[Split, int] | None] = []  # shared-prompt shape and its real tokens, per batch
 
     class CountingCollator(FitCollator):
         def __call__(self, batch_examples):
@@ -289,6 +360,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
                 batch = super().__call__(batch_examples)
             ids = batch["orig"]["input_ids"]
             shapes.append((ids.shape[0], ids.shape[1], int(batch["orig"]["attention_mask"].sum())))
+            splits.append(split_of(batch["orig"], self.pad_multiple) if row.share else None)
             return batch
 
     def trainer_for(dataset, cache=None) -> FitTrainer:
@@ -300,6 +372,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
             layers=layers, alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
             pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward,
             batch_frozen=config.fit.batch_frozen, kl_weight=0.0, group_by_length=config.fit.group_by_length,
+            share_prompt=row.share, share_trained_prompt=row.share and row.share_trained,
         )
         return trainer
 
@@ -312,6 +385,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
         cache_seconds = time.perf_counter() - started
         cache = TargetCache(work / "cache" / row.name)
     shapes.clear()
+    splits.clear()
     trainer = trainer_for(timed, cache)
     with PeakRSS() as rss_fit:
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -321,11 +395,21 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     shape = Shape.of(model.config)
     frozen_lora = 0 if config.step1.dual_storage == "full-copies" else shape.lora(config.step1.lora.r, config.step1.lora.target_modules)
     fit_lora = shape.lora(config.fit.lora.r, config.fit.lora.target_modules)
+    trained_split = row.share and row.share_trained and not trainer.args.activation_checkpointing  # auto resolved
     flops = sum(
         step_flops(shape, b, t, top=max(layers), truncate=config.fit.truncate_forward, frozen_lora=frozen_lora,
-                   fit_lora=fit_lora, frozen_passes=cache is None, recompute=config.gradient_checkpointing)
-        for b, t, _ in shapes
+                   fit_lora=fit_lora, frozen_passes=cache is None, recompute=trainer.args.activation_checkpointing,
+                   split=split[0] if split else None, frozen_split=True, trained_split=trained_split)
+        for (b, t, _), split in zip(shapes, splits, strict=True)
     )
+    # Tokens the passes process: with a shared prompt, each distinct prompt once, then the replies.
+    processed: list[tuple[int, int]] = []  # (tokens computed, padding included; real tokens) per batch
+    for (b, t, n), split in zip(shapes, splits, strict=True):
+        if split is None:
+            processed.append((b * t, n))
+        else:
+            (u, p, rows, r), real = split
+            processed.append((u * p + rows * r, real))
     return {
         "row": row.name,
         "examples": len(timed),
@@ -333,8 +417,8 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
         "steps": len(shapes),
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,  # all threads of this process: robust to other jobs' load
-        "padded_tokens": sum(b * t for b, t, _ in shapes),
-        "real_tokens": sum(n for _, _, n in shapes),
+        "padded_tokens": sum(t for t, _ in processed),
+        "real_tokens": sum(n for _, n in processed),
         "flops": flops,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_fit_mb": rss_fit.peak / 2**20,
@@ -478,6 +562,9 @@ def main() -> int:
     parser.add_argument("--workload", choices=("realistic", "demo"), default="realistic",
                         help="realistic: batch 8, prompt 256, reply 64, layers 10..20 step 2, alpha 5 (issue 15);"
                              " demo: the demo recipe's batch, windows and alpha")
+    parser.add_argument("--pairs-from", choices=("builtin", "alpacaeval"), default="builtin",
+                        help="builtin: the built-in pairs (short prompts); alpacaeval: ../shared/data's AlpacaEval"
+                             " dev pairs (long prompts, one pair per prompt)")
     parser.add_argument("--quick", action="store_true", help="1 rep, 4 pairs, reference/default rows, step 1 vs TRL")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -490,8 +577,12 @@ def main() -> int:
     if args.quick:
         args.reps, args.pairs, args.rows, args.stages = 1, 4, "reference,default", "step1-preferred,trl-sft"
     overrides = json.loads(args.overrides)
+    if args.pairs_from == "alpacaeval" and not ALPACAEVAL.exists():
+        print(f"bench/efficiency.py: --pairs-from alpacaeval needs {ALPACAEVAL} (the shared data folder), which is"
+              " missing here; nothing run")
+        return 0
     if args.prepare:
-        make_step1(Path(args.work), args.pairs, seed=0)
+        make_step1(Path(args.work), args.pairs, seed=0, source=args.pairs_from)
         return 0
     if args.scit_batching:
         print(json.dumps(scit_batching(Path(args.work), args.threads)))
@@ -525,7 +616,7 @@ def main() -> int:
     stage_results: list[dict] = []
     scit: dict = {}
     with tempfile.TemporaryDirectory(prefix="rahf-bench-") as tmp:
-        spawn(["--prepare", "--work", tmp, "--pairs", str(args.pairs)], args.threads)
+        spawn(["--prepare", "--work", tmp, "--pairs", str(args.pairs), "--pairs-from", args.pairs_from], args.threads)
         for rep in range(args.reps):
             order = rows if rep % 2 == 0 else rows[::-1]  # alternate, and reverse to cancel drift
             for row in order:
@@ -674,7 +765,7 @@ Our default's precision on this machine: {precision}.
 Workload `{args.workload}`: SmolLM2-135M-Instruct (embedded default), Dual, batch {workload['batch']},
 prompt window {workload['prompt']}, reply window {workload['reply']}, target layers
 {workload['layers'] or 'the default band'}, alpha {workload['alpha']}; the fit rows train one epoch over
-{args.pairs} built-in pairs ({2 * args.pairs} examples: Dual fits both replies of a pair) after a
+{args.pairs} {'built-in' if args.pairs_from == 'builtin' else 'AlpacaEval dev'} pairs ({2 * args.pairs} examples: Dual fits both replies of a pair) after a
 warm-up step on one other example. Step-1 adapters are fresh random LoRAs (r 16, all linear
 layers). Medians over {args.reps} repetitions; each configuration runs in its own process;
 configurations alternate (order reversed every other repetition).

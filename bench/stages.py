@@ -2,7 +2,8 @@
 
 Each stage runs in its own process (``efficiency.py --stage NAME``) on the same fixed sample
 of built-in pairs: Dual step 1 per side, SCIT step 1, the patterns/targets pass (the frozen
-passes alone, as ``fit.targets: cached`` runs them once), and export (merge + save). The fit
+passes alone, as ``fit.targets: cached`` runs them once; ``targets-unshared``: the same with each
+reply's pass running its prompt again, as before issue 15's shared prompt), and export (merge + save). The fit
 itself is efficiency.py's row table. ``trl-sft`` trains the same examples (token for token,
 the same LoRA, the same loss on reply tokens only) with TRL's ``SFTTrainer``; the loss of one
 fixed batch is computed by both trainers before timing (:func:`step1_losses`).
@@ -19,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-STAGES = ("step1-preferred", "step1-dispreferred", "trl-sft", "scit-step1", "targets", "export")
+STAGES = ("step1-preferred", "step1-dispreferred", "trl-sft", "scit-step1", "targets", "targets-unshared", "export")
 STEP1_STEPS = 4  # timed optimizer steps per training stage, after one warm-up step
 
 
@@ -195,7 +196,7 @@ def _stage(stage: str, work: Path, overrides: list[str]) -> dict:  # noqa: PLR09
         return {**timing, **_tokens(shapes[1 : 1 + STEP1_STEPS]), "flops": flops, "bf16": bool(args.bf16), "losses": None}
 
     # targets and export work on the fit stage's model (fresh step-1 adapters from --prepare)
-    from efficiency import step_flops
+    from efficiency import split_of, step_flops
 
     from rahf.method.fit import FitCollator, FitTrainer, compute_cache, load_fit_model
     from rahf.method.patterns import fit_examples, pattern_source
@@ -214,23 +215,36 @@ def _stage(stage: str, work: Path, overrides: list[str]) -> dict:  # noqa: PLR09
     examples = fit_examples(pairs, tokenizer, config)
     fit_args = training_arguments(config, config.fit.train, work / "out" / "targets", stage="bench")
     trainer = FitTrainer(model=model, args=fit_args, train_dataset=examples, data_collator=FitCollator(tokenizer.pad_token_id))
+    share = stage == "targets"
     trainer.setup_fit(layers=layers, alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
                       pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward,
-                      batch_frozen=config.fit.batch_frozen, kl_weight=0.0)
+                      batch_frozen=config.fit.batch_frozen, kl_weight=0.0, share_prompt=share)
     batch_size = config.fit.train.batch_size
     compute_cache(trainer, examples[:batch_size], work / "out" / "warm-cache", batch_size=batch_size)  # warm-up
     collator = FitCollator(tokenizer.pad_token_id)
+    splits = []
     for start in range(0, len(examples), batch_size):
-        ids = collator(examples[start : start + batch_size])["orig"]["attention_mask"]
+        orig = collator(examples[start : start + batch_size])["orig"]
+        ids = orig["attention_mask"]
         shapes.append((ids.shape[0], ids.shape[1], int(ids.sum())))
+        splits.append(split_of(orig, collator.pad_multiple) if share else None)
     started, cpu = time.perf_counter(), time.process_time()
     compute_cache(trainer, examples, work / "out" / "cache", batch_size=batch_size, dtype=config.fit.cache_dtype)
     timing = {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
     lora = shape.lora(config.step1.lora.r, config.step1.lora.target_modules)
     fit_lora = shape.lora(config.fit.lora.r, config.fit.lora.target_modules)
     flops = sum(step_flops(shape, b, t, top=max(layers), truncate=config.fit.truncate_forward, frozen_lora=lora,
-                           fit_lora=fit_lora, frozen_passes=True, trained_pass=False) for b, t, _ in shapes)
-    return {**timing, **_tokens(shapes), "flops": flops, "bf16": bool(fit_args.bf16), "losses": None}
+                           fit_lora=fit_lora, frozen_passes=True, trained_pass=False,
+                           split=split[0] if split else None, frozen_split=True)
+                for (b, t, _), split in zip(shapes, splits, strict=True))
+    tokens = _tokens(shapes)
+    if share:  # tokens computed: each distinct prompt once, then the replies
+        tokens["padded_tokens"] = tokens["real_tokens"] = 0
+        for (b, t, n), split in zip(shapes, splits, strict=True):
+            (u, p, rows, r), real = split if split else ((b, t, 0, 0), n)
+            tokens["padded_tokens"] += u * p + rows * r
+            tokens["real_tokens"] += real
+    return {**timing, **tokens, "flops": flops, "bf16": bool(fit_args.bf16), "losses": None}
 
 
 def _step1_flops(shape, lora: int, shapes: Sequence[tuple[int, int, int]], heads: Sequence[int]) -> float:

@@ -16,8 +16,9 @@ Conventions (mixing them up is the classic bug of this method):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -121,13 +122,21 @@ def reply_hidden_states(
     *,
     reply_width: int | None = None,
     truncate: bool = True,
+    share_prompt: bool = False,
+    pad_multiple: int = 1,
 ) -> torch.Tensor:
     """Hidden states at ``layers`` over reply tokens: (layers, batch, reply_width, hidden).
 
     With ``truncate`` the pass runs the blocks only up to the highest requested layer and the LM
-    head on one position.
+    head on one position. With ``share_prompt``, rows that share a prompt run it once
+    (:func:`reply_hidden_states_shared`, widths rounded up to ``pad_multiple``); rows past a
+    reply's end then hold other values (masked everywhere they are read).
     """
     width = int(batch["reply_len"].max()) if reply_width is None else reply_width
+    shared = shared_prompts(batch) if share_prompt else None
+    if shared is not None:
+        return reply_hidden_states_shared(model, batch, layers, shared, reply_width=width, truncate=truncate,
+                                          pad_multiple=pad_multiple)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with capture_blocks(model, layers) as captured:
         if truncate:
@@ -138,6 +147,83 @@ def reply_hidden_states(
         else:
             model(**inputs, use_cache=False)
     return torch.stack([gather_reply(captured[layer], batch["reply_start"], width) for layer in layers])
+
+
+def shared_prompts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows of a batch whose prompts are the same tokens: ``(firsts, owner)``, or None if none repeat.
+
+    ``firsts`` holds one row per distinct prompt; ``owner[b]`` is the index into ``firsts`` of row
+    ``b``'s prompt. Dual fits both replies of a pair (``patterns.reply: both``), so a batch holds
+    each prompt twice: it need not go through a model twice (:func:`reply_hidden_states_shared`).
+    """
+    starts = batch["reply_start"].tolist()
+    keys: dict[tuple, int] = {}
+    firsts: list[int] = []
+    owner: list[int] = []
+    for b, start in enumerate(starts):
+        key = (tuple(batch["input_ids"][b, :start].tolist()), tuple(batch["attention_mask"][b, :start].tolist()))
+        if key not in keys:
+            keys[key] = len(firsts)
+            firsts.append(b)
+        owner.append(keys[key])
+    if len(firsts) == len(starts):
+        return None
+    return torch.tensor(firsts), torch.tensor(owner)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward keyword that takes a KV cache (``cache`` since transformers 5.24, before it
+    ``past_key_values``)."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
+def _round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def reply_hidden_states_shared(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    layers: Sequence[int],
+    shared: tuple[torch.Tensor, torch.Tensor],
+    *,
+    reply_width: int | None = None,
+    truncate: bool = True,
+    pad_multiple: int = 1,
+) -> torch.Tensor:
+    """:func:`reply_hidden_states` with each distinct prompt run once (``shared``: :func:`shared_prompts`).
+
+    Two calls: the distinct prompts (their rows cut at the longest prompt) with ``use_cache``, then
+    every row's reply tokens on its prompt's keys and values (the cache rows picked per row by
+    ``owner``). Position ids carry on from each row's own prompt length and the attention mask is
+    the prompt's mask followed by the reply's, so each reply token sees what it sees in the one-call
+    pass: the same states up to float rounding. Gradients flow into the shared prompt through the
+    cache, so the trained pass can use it too. Widths are rounded up to ``pad_multiple``
+    (``rahf.method.fit.PAD_MULTIPLE``: few distinct shapes).
+    """
+    firsts, owner = (t.to(batch["input_ids"].device) for t in shared)
+    starts, lengths = batch["reply_start"], batch["reply_len"]
+    width = int(lengths.max()) if reply_width is None else reply_width
+    seq = batch["input_ids"].shape[1]
+    prompt_width = _round_up(max(int(starts.max()), 1), pad_multiple)
+    columns = torch.arange(prompt_width, device=starts.device)
+    prompt_cols = columns.clamp(max=seq - 1)
+    prompt_ids = batch["input_ids"][firsts][:, prompt_cols]
+    prompt_mask = batch["attention_mask"][firsts][:, prompt_cols] * (columns[None, :] < starts[firsts][:, None])
+    reply_cols = _round_up(max(width, 1), pad_multiple)
+    offsets = torch.arange(reply_cols, device=starts.device)
+    positions = starts[:, None] + offsets[None, :]
+    reply_ids = torch.gather(batch["input_ids"], 1, positions.clamp(max=seq - 1))
+    mask = torch.cat([prompt_mask[owner], reply_mask(lengths, reply_cols).long()], dim=1)
+    keep = {"logits_to_keep": 1} if truncate else {}
+    cache_arg = _cache_argument(model)
+    with capture_blocks(model, layers) as captured, (truncated(model, max(layers)) if truncate else nullcontext()):
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache.batch_select_indices(owner)
+        model(input_ids=reply_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+              **{cache_arg: cache}, **keep)
+    return torch.stack([captured[layer][:, :width] for layer in layers])
 
 
 def pad_ids(

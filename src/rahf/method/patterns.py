@@ -85,6 +85,7 @@ class FitExample:
 
     inputs: dict[str, Encoded]
     index: int  # position in the example list (row of the cached targets)
+    pair: int = -1  # the pair it comes from: with patterns.reply both, two examples share it (and the prompt)
 
 
 def pattern_replies(pairs: Sequence[PreferencePair], choice: str, seed: int) -> list[tuple[PreferencePair, str]]:
@@ -113,13 +114,14 @@ def pattern_source(config: AlignConfig) -> PatternSource:
 def fit_examples(pairs: Sequence[PreferencePair], tokenizer, config: AlignConfig) -> list[FitExample]:
     source = pattern_source(config)
     windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": config.reply_window}
+    position = {id(pair): i for i, pair in enumerate(pairs)}
     examples = []
     for index, (pair, reply) in enumerate(pattern_replies(pairs, config.pattern_reply, config.seed)):
         inputs = {
             role: encode(tokenizer, pair.prompt, reply, instruction=source[role].instruction, **windows)
             for role in ROLES
         }
-        examples.append(FitExample(inputs, index))
+        examples.append(FitExample(inputs, index, position[id(pair)]))
     return examples
 
 
@@ -204,11 +206,15 @@ def frozen_patterns(
     pad_id: int,
     truncate: bool = True,
     batch_frozen: bool = True,
+    share_prompt: bool = True,
+    pad_multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Hidden states of each role: {role: (layers, batch, reply_width, hidden)}.
 
     Roles that share a model state go through it in one batched call when ``batch_frozen``
-    (SCIT: all three; Dual: none).
+    (SCIT: all three; Dual: none). With ``share_prompt``, a prompt that several rows of a call
+    share (Dual's two replies of a pair) goes through the model once
+    (:func:`rahf.hidden_states.reply_hidden_states_shared`); widths round up to ``pad_multiple``.
     """
     width = int(batches["orig"]["reply_len"].max())
     groups: dict[str, list[str]] = {}
@@ -224,7 +230,8 @@ def frozen_patterns(
         for key, roles in groups.items():
             batch = concat_batches([batches[r] for r in roles], pad_id) if len(roles) > 1 else batches[roles[0]]
             with frozen.state(key.split("\0")[0]) as m:
-                hidden = reply_hidden_states(m, batch, layers, reply_width=width, truncate=truncate)
+                hidden = reply_hidden_states(m, batch, layers, reply_width=width, truncate=truncate,
+                                             share_prompt=share_prompt, pad_multiple=pad_multiple)
             for role, part in zip(roles, hidden.chunk(len(roles), dim=1), strict=True):
                 out[role] = part
     finally:
