@@ -269,3 +269,103 @@ def test_trained_pass_shares_only_when_asked_and_not_under_checkpointing(dual, t
     trainer.setup_fit(layers=LAYERS, alpha=config.patterns.alpha, source=pattern_source(config), frozen=trainer.frozen,
                       pad_id=0, truncate=True, batch_frozen=True, kl_weight=0.0)  # the defaults
     assert trainer.share_prompt and not trainer.shares_trained_prompt(model)
+
+
+# ------------------------------------------------------------------ fit.share_prompt: the config key
+
+
+def _align_with(root: Path, data: Path, tiny: Path, share: str) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+    """A tiny Dual `rahf align` run in fp32 with ``fit.share_prompt=share``: the fitted adapter,
+    setup_fit's keyword arguments, and how many shared-prompt calls ran with and without grad."""
+    from safetensors.torch import load_file
+    from shared_runs import tiny_settings
+
+    from rahf import hidden_states
+    from rahf.pipeline import align
+
+    calls, shared_calls = [], {"trained": 0, "frozen": 0}
+    setup, shared = FitTrainer.setup_fit, hidden_states.reply_hidden_states_shared
+
+    def recorded_setup(self, **kwargs):
+        calls.append(kwargs)
+        return setup(self, **kwargs)
+
+    def counted_shared(*args, **kwargs):
+        shared_calls["trained" if torch.is_grad_enabled() else "frozen"] += 1
+        return shared(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FitTrainer, "setup_fit", recorded_setup)
+        patch.setattr(hidden_states, "reply_hidden_states_shared", counted_shared)
+        align(load_config(None, tiny_settings(
+            tiny, data, root / share, "method=dual", "dtype=float32", "mixed_precision=no", "fit.lora.dropout=0",
+            "gradient_checkpointing=false", "fit.train.batch_size=4", f"fit.share_prompt={share}",
+        )))
+    return load_file(root / share / "fit" / "adapter" / "adapter_model.safetensors"), calls, shared_calls
+
+
+def test_share_prompt_key_reaches_the_fit_and_keeps_the_adapter(tmp_path):
+    """`fit.share_prompt` picks which passes share a prompt; every choice fits the same adapter
+    (fp32, within 1e-5), and only the passes it names run the shared-prompt call."""
+    from rahf.testing import save_tiny, write_toy_pairs
+
+    tiny, data = save_tiny(tmp_path / "tiny", layers=4), write_toy_pairs(tmp_path / "pairs.jsonl", 24)
+    runs = {share: _align_with(tmp_path, data, tiny, share) for share in ("frozen", "all", "off")}
+    flags = {share: [(c["share_prompt"], c["share_trained_prompt"]) for c in calls] for share, (_, calls, _) in runs.items()}
+    assert flags == {"frozen": [(True, False)], "all": [(True, True)], "off": [(False, False)]}
+    counts = {share: counted for share, (_, _, counted) in runs.items()}
+    assert counts["frozen"]["frozen"] > 0 and counts["frozen"]["trained"] == 0
+    assert counts["all"]["frozen"] > 0 and counts["all"]["trained"] >= 6  # every fit step (max_steps 6)
+    assert counts["off"] == {"trained": 0, "frozen": 0}
+    reference = runs["frozen"][0]
+    assert len(reference) > 0 and max(w.abs().max().item() for n, w in reference.items() if "lora_B" in n) > 1e-4
+    for share in ("all", "off"):
+        adapter = runs[share][0]
+        assert adapter.keys() == reference.keys()
+        for name, weight in reference.items():
+            assert (adapter[name] - weight).abs().max().item() < 1e-5, (share, name)
+
+
+def test_share_prompt_key_values(tmp_path):
+    from rahf.config import AlignConfig, ConfigError
+
+    assert load_config(None, []).fit.share_prompt == "frozen"  # today's behaviour is the default
+    for value in ("frozen", "all", "off"):
+        assert load_config(None, [f"fit.share_prompt={value}"]).fit.share_prompt == value
+    written = tmp_path / "share.yaml"
+    written.write_text("fit:\n  share_prompt: off\n")  # YAML 1.1 reads a bare `off` as false
+    assert load_config(written).fit.share_prompt == "off"
+    with pytest.raises(ConfigError, match=r"--set fit.share_prompt=trained: fit.share_prompt must be one of frozen, all, off; got 'trained'"):
+        load_config(None, ["fit.share_prompt=trained"])
+    with pytest.raises(ConfigError, match="fit.share_prompt must be one of frozen, all, off; got True"):
+        load_config(None, ["fit.share_prompt=true"])
+    # A run folder written before the key existed resumes: it fitted as the default does.
+    config = AlignConfig(run_dir=str(tmp_path / "run"))
+    older = config.to_dict()
+    older["fit"] = {k: v for k, v in older["fit"].items() if k != "share_prompt"}
+    assert config.upgrade_saved(older) == config.to_dict()
+
+
+def test_trained_pass_that_cannot_share_says_so(dual, tmp_path, capsys):
+    """`all` with gradient checkpointing or the KL term falls back to the one-call trained pass,
+    as setup_fit does, and prints one line naming why; otherwise nothing is printed."""
+    tiny, _ = dual
+    config = _config(tiny)
+    trainer, _ = _trainer(dual, tmp_path / "n", share=True)
+    capsys.readouterr()
+
+    def setup(*, kl_weight: float = 0.0, share_trained_prompt: bool = True) -> str:
+        trainer.setup_fit(layers=LAYERS, alpha=config.patterns.alpha, source=pattern_source(config),
+                          frozen=trainer.frozen, pad_id=0, truncate=True, batch_frozen=True, kl_weight=kl_weight,
+                          share_prompt=True, share_trained_prompt=share_trained_prompt)
+        return capsys.readouterr().out
+
+    assert setup() == "" and setup(kl_weight=0.5, share_trained_prompt=False) == ""
+    assert setup(kl_weight=0.5).strip() == (
+        "rahf: fit: the trained pass runs each reply with its own prompt (fit.kl_weight reads every"
+        " position's logits); only the frozen passes share it"
+    )
+    _trainer(dual, tmp_path / "c", "gradient_checkpointing=true", share=True)
+    out = capsys.readouterr().out
+    assert out.count("rahf: fit: the trained pass runs each reply with its own prompt") == 1
+    assert "(gradient checkpointing keeps no cache)" in out

@@ -193,6 +193,10 @@ class FitConfig:
         default=0, metadata={"help": "stop when the loss improved < plateau_threshold (relative) over this many logged steps; 0: off"}
     )
     plateau_threshold: float = field(default=0.01, metadata={"help": "relative loss improvement that counts as progress"})
+    share_prompt: Literal["frozen", "all", "off"] = field(
+        default="frozen",
+        metadata={"help": "run a prompt both replies of a pair share once per model: frozen = in the frozen passes; all = the trained pass too (faster on long prompts, slower on short; not with kl_weight or gradient checkpointing); off = never"},
+    )
 
     def check(self) -> None:
         self.train.check("fit.train")
@@ -341,8 +345,12 @@ class AlignConfig(RunConfig):
         return self.patterns.reply if self.patterns.reply != "default" else method_for(self).pattern_reply
 
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section."""
-        return {k: v for k, v in saved.items() if k != "baseline"}
+        """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section;
+        runs written before ``fit.share_prompt`` fitted as its default does (within 1e-5)."""
+        upgraded = {k: v for k, v in saved.items() if k != "baseline"}
+        if isinstance(upgraded.get("fit"), dict):
+            upgraded["fit"] = {"share_prompt": "frozen", **upgraded["fit"]}
+        return upgraded
 
 
 @dataclass

@@ -123,8 +123,8 @@ def coerce(value: Any, hint: Any, path: str) -> Any:
             return None
         raise ConfigError(f"{path} may not be empty")
     if origin is Literal:
-        if isinstance(value, bool) and "no" in args and not value:
-            value = "no"  # YAML 1.1 reads a bare `no` as false
+        if value is False:  # YAML 1.1 reads a bare `no` or `off` as false
+            value = next((word for word in ("no", "off") if word in args), value)
         if value not in args:
             raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value

@@ -63,7 +63,8 @@ def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
             width = int(batch["orig"]["reply_len"].max())
             with trainer.autocast():
                 patterns = frozen_patterns(trainer.frozen, trainer.source, batch, trainer.layers,
-                                           pad_id=trainer.pad_id, truncate=True, batch_frozen=trainer.batch_frozen)
+                                           pad_id=trainer.pad_id, truncate=True, batch_frozen=trainer.batch_frozen,
+                                           share_prompt=getattr(trainer, "share_prompt", True))
                 hidden = reply_hidden_states(model, batch["orig"], trainer.layers, reply_width=width, truncate=True)
             target = patterns["orig"] + trainer.alpha * (patterns["preferred"] - patterns["dispreferred"])
             shift, residual = target_progress(hidden, patterns["orig"], target, reply_mask(batch["orig"]["reply_len"], width))
