@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = Runner(commit, src)
     line = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.report_only:  # the results themselves came from the queue
+        line = f"python bench/quality.py --jobs 2   # the queue: computes and caches every job\n{line}   # this section, from the cache"
     log(f"commit {commit[:12]} from {src}; budget {asdict(budget)}")
     with contextlib.nullcontext() if args.report_only else bl.cache_lock(out):  # reading needs no lock (atomic writes)
         data = bl.prepare_splits(args.data_dir, out, **{k: getattr(budget, k) for k in ("train_pairs", "rm_pairs", "eval_pairs", "eval_prompts", "val_fraction")})

@@ -61,6 +61,11 @@ def reading(summ: dict[str, dict], best: str | None, picks: dict) -> list[str]:
             text += f"; pref. accuracy {gap:+.1f} points vs DPO (target ≥ {need:+.0f}: {'met' if gap >= need else f'missed by {need - gap:.1f}'})"
         text += (f"; reply tokens {m['tokens']:+.0%} vs base, limit-hit {m['hit_limit_rate']:.0%}, repetition {m['repetition_rate']:.0%},"
                  f" {'refusal' if SOURCES[s][1] else 'over-refusal'} {m['refusal_rate' if SOURCES[s][1] else 'over_refusal_rate']:.0%}.")
+        free = {label: v[s] for label, v in summ.items() if label.startswith(("prompt", "steer")) and v}
+        if free:  # what the LoRA fit adds over doing nothing clever (#12, #13)
+            label, f = max(free.items(), key=lambda kv: kv[1]["dm"][0])
+            text += (f" Best free baseline here: {label}, margin − base {f['dm'][0]:+.3f}"
+                     f" ({'above' if f['dm'][0] > m['dm'][0] else 'not above'} RAHF's {m['dm'][0]:+.3f}).")
         notes.append(text)
     return notes
 
