@@ -64,8 +64,9 @@ def reading(summ: dict[str, dict], best: str | None, picks: dict) -> list[str]:
         free = {label: v[s] for label, v in summ.items() if label.startswith(("prompt", "steer")) and v}
         if free:  # what the LoRA fit adds over doing nothing clever (#12, #13)
             label, f = max(free.items(), key=lambda kv: kv[1]["dm"][0])
-            text += (f" Best free baseline here: {label}, margin − base {f['dm'][0]:+.3f}"
-                     f" ({'above' if f['dm'][0] > m['dm'][0] else 'not above'} RAHF's {m['dm'][0]:+.3f}).")
+            text += (f" Best free baseline here by margin: {label}, margin − base {f['dm'][0]:+.3f}"
+                     f" ({'above' if f['dm'][0] > m['dm'][0] else 'not above'} RAHF's {m['dm'][0]:+.3f}),"
+                     f" repetition {f['repetition_rate']:.0%}: read it with the table's behaviour.")
         notes.append(text)
     return notes
 
