@@ -22,7 +22,7 @@ import json
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -67,9 +67,10 @@ def write_sources(data: Path, root: Path, budget: q.Budget) -> dict[str, Path]:
     for source, rows in parts.items():
         path = root / source / "train.jsonl"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text("".join(r + "\n" for r in rows))
-            path.with_suffix(".tmp").replace(path)
+            # the snapshot's rahf, on sys.path once main() ran
+            from rahf.io import atomic_write_text
+
+            atomic_write_text(path, "".join(r + "\n" for r in rows))
         folders[source] = path.parent
     return folders
 
@@ -87,9 +88,9 @@ def seed_reward_cache(quality_out: Path, root: Path) -> int:
     for path in sorted((quality_out / "generations" / "reward-accuracy").glob("*.json")):
         target = root / "generations" / "reward-accuracy" / path.name
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target.with_suffix(".tmp"))
-            target.with_suffix(".tmp").replace(target)
+            from rahf.io import atomic_write_bytes
+
+            atomic_write_bytes(target, path.read_bytes())
             copied += 1
     return copied
 
@@ -327,11 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     if not all((args.data_dir / name).is_file() for name, _ in SOURCES.values()):
         print(f"bench/compose.py: skipped: {args.data_dir} not found (the shared data is not here)")
         return 0
-    budget = q.SMOKE if args.smoke else q.Budget()
-    budget = replace(budget, cpu_seconds=args.cpu_seconds) if args.cpu_seconds else budget
+    budget = q.budget_for(args)
     quality_out = args.quality_out or q.OUT.with_name("quality-v2-smoke" if args.smoke else "quality-v2")
-    data = bl.prepare_splits(args.data_dir, quality_out, **{k: getattr(budget, k) for k in (
-        "train_pairs", "rm_pairs", "eval_pairs", "eval_prompts", "val_fraction")})  # the quality bench's: read, not written
+    data = q.data_split(args.data_dir, quality_out, budget)  # the quality bench's: read, not written
     missing = [f for f in NEEDED if not (data / f).exists()]
     if missing:
         print(f"bench/compose.py: {data} has no {', '.join(missing)} yet: run bench/quality.py{' --smoke' if args.smoke else ''} first"

@@ -317,6 +317,17 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
     return state
 
 
+def budget_for(args: argparse.Namespace) -> Budget:
+    """The smoke or full budget, with ``--cpu-seconds`` applied (this bench's and bench/compose.py's)."""
+    budget = SMOKE if args.smoke else Budget()
+    return replace(budget, cpu_seconds=args.cpu_seconds) if args.cpu_seconds else budget
+
+
+def data_split(data_dir: Path, out: Path, budget: Budget) -> Path:
+    """The cached split this bench trains and evaluates on (bl.prepare_splits with the budget's sizes)."""
+    return bl.prepare_splits(data_dir, out, **{k: getattr(budget, k) for k in ("train_pairs", "rm_pairs", "eval_pairs", "eval_prompts", "val_fraction")})
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -337,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all((args.data_dir / name).is_file() for name, _ in SOURCES.values()):
         print(f"bench/quality.py: skipped: {args.data_dir} not found (the shared data is not here)")
         return 0
-    budget = SMOKE if args.smoke else Budget()
-    budget = replace(budget, cpu_seconds=args.cpu_seconds) if args.cpu_seconds else budget
+    budget = budget_for(args)
     args.seeds = args.seeds[:1] if args.smoke else args.seeds
     out = args.out or OUT.with_name("quality-v2-smoke" if args.smoke else "quality-v2")
     commit, src = bl.snapshot(out, args.commit)
@@ -351,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         line = f"python bench/quality.py --jobs 2   # the queue: computes and caches every job\n{line}   # this section, from the cache"
     log(f"commit {commit[:12]} from {src}; budget {asdict(budget)}")
     with contextlib.nullcontext() if args.report_only else bl.cache_lock(out):  # reading needs no lock (atomic writes)
-        data = bl.prepare_splits(args.data_dir, out, **{k: getattr(budget, k) for k in ("train_pairs", "rm_pairs", "eval_pairs", "eval_prompts", "val_fraction")})
+        data = data_split(args.data_dir, out, budget)
         ctx = {"budget": budget, "data": data, "out": out, "machine": machine()}
         if args.report_only and not all((data / f).exists() for f in ("base/eval.json", "scan-job.json", "reward_model.json")):
             print("bench/quality.py: no v2 results yet; BENCHMARKS.md keeps v1's section")
