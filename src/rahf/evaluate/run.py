@@ -47,7 +47,6 @@ from rahf.evaluate.scoring import score_pairs
 from rahf.evaluate.settings import EvalConfig
 from rahf.evaluate.stats import bootstrap
 from rahf.io import atomic_write_json, atomic_write_text, file_digest
-from rahf.models import cache_dir
 
 
 def source_name(path: str) -> str:
@@ -154,8 +153,7 @@ def _reward_model_accuracy(config: EvalConfig, rm: Any, pairs: list, boot: dict)
         return pairwise_accuracy(rm, pairs, progress=config.progress, **boot)
     blob = json.dumps({"rm": folder_fingerprint(str(rm.path)), **boot,
                        "pairs": [[p.prompt_text(), p.chosen, p.rejected] for p in pairs]}, sort_keys=True)
-    root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "generations"
-    path = root / "reward-accuracy" / f"{hashlib.sha256(blob.encode()).hexdigest()}.json"
+    path = GenerationCache(config.cache_dir).root / "reward-accuracy" / f"{hashlib.sha256(blob.encode()).hexdigest()}.json"
     with contextlib.suppress(OSError, ValueError):
         return json.loads(path.read_text())
     accuracy = pairwise_accuracy(rm, pairs, progress=config.progress, **boot)
