@@ -99,3 +99,13 @@ def test_cli_flags_reach_the_report(setup, tmp_path):
     assert entry["margin_vs_baseline"]["value"] == 0.0
     assert report["models"]["model"]["steer"] == {"file": str(vector_file), "strength": 0.0, "layers": "2"}
     assert "margin - baseline (paired)" in (out / "report.md").read_text()
+
+
+def test_bf16_scoring_is_close_to_float32_but_not_the_same_computation(setup):
+    model_dir, pairs, _, _ = setup
+    model, tokenizer, _ = load_for_eval(str(model_dir), dtype="float32")
+    rows = load_preferences(str(pairs)).pairs
+    fp32, bf16 = margins(model, tokenizer, rows), margins(model, tokenizer, rows, bf16=True)
+    assert not np.array_equal(fp32, bf16)  # autocast really ran
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+    assert next(model.parameters()).dtype == torch.float32  # the weights are left as they were

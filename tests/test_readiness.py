@@ -164,3 +164,22 @@ def test_readiness_is_logged_printed_and_in_the_model_card(aligned_run):
     assert "Step-1 readiness on" in card and "M+ margin - M- margin" in card and ": separated." in card
     cached = json.loads((aligned_run / "readiness" / "steps-4.json").read_text())["result"]
     assert cached["signal"] == readiness[0]["signal"]
+
+
+@pytest.mark.parametrize("mixed, expected", [("bf16", True), ("no", False)])
+def test_readiness_scores_in_the_runs_precision(tiny_assets, tmp_path, monkeypatch, mixed, expected):
+    import rahf.method.readiness as readiness
+    from rahf.models import load_model, load_tokenizer
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["bf16"] = kwargs.get("bf16")
+        return real(*args, **kwargs)
+
+    real = readiness.score_pairs
+    monkeypatch.setattr(readiness, "score_pairs", spy)
+    model, data = tiny_assets
+    config = config_for(model, data, tmp_path / "run", f"mixed_precision={mixed}")
+    readiness.margins(load_model(str(model), device="cpu"), load_tokenizer(str(model)), toy_pairs(0, 4), config)
+    assert seen["bf16"] is expected

@@ -55,8 +55,13 @@ def score_replies(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "scoring",
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reply log-likelihood and reply token count for each (prompt, reply)."""
+    """Summed reply log-likelihood and reply token count for each (prompt, reply).
+
+    ``bf16``: run the forwards under bf16 autocast (log-softmax stays fp32). Where bf16 is native
+    it scores 1.8x faster than fp32, with per-pair margins that correlate 0.9998 and agree in
+    sign (BENCHMARKS.md, quality v2); elsewhere torch emulates bf16 and it only costs time."""
     encoded = [
         encode(
             tokenizer, p, r, instruction=instruction,
@@ -75,7 +80,8 @@ def score_replies(
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id).items()}
-        logprobs = reply_token_logprobs(model, batch).float().cpu()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logprobs = reply_token_logprobs(model, batch).float().cpu()
         sums[idx] = logprobs.sum(dim=1)
         counts[idx] = batch["reply_len"].float().cpu()
     model.train(was_training)

@@ -27,6 +27,7 @@ from rahf.config import AlignConfig
 from rahf.data.schema import PreferencePair
 from rahf.evaluate.scoring import score_pairs
 from rahf.evaluate.stats import Estimate, bootstrap
+from rahf.trainer import use_bf16
 
 if TYPE_CHECKING:
     from rahf.plan import RunPlan
@@ -101,10 +102,11 @@ def held_out_pairs(
 
 def margins(model: torch.nn.Module, tokenizer, pairs: Sequence[PreferencePair], config: AlignConfig, *,
             instruction: str | None = None) -> torch.Tensor:
-    """Per pair ``l(y+) - l(y-)`` (mean-token log-likelihoods) under ``model``."""
+    """Per pair ``l(y+) - l(y-)`` (mean-token log-likelihoods) under ``model``, in the run's
+    training precision (bf16 autocast where :func:`rahf.trainer.use_bf16` says so)."""
     scores = score_pairs(
         model, tokenizer, pairs, instruction=instruction, max_prompt_tokens=config.max_prompt_tokens,
-        max_reply_tokens=config.reply_window, progress=False,
+        max_reply_tokens=config.reply_window, progress=False, bf16=use_bf16(config),
     )
     return (scores.chosen_mean - scores.rejected_mean).double()
 
