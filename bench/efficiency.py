@@ -77,7 +77,7 @@ class Row:
     fixed_window: bool = False  # every role padded to prompt window + reply window (reference layout)
     all_instruction: bool = False  # I+ as system prompt in all three inputs (reference code's Dual)
     share: bool = True  # a prompt both replies of a pair share runs once per frozen model (issue 15)
-    share_trained: bool = False  # ... and once in the trained pass (FitTrainer option, off by default)
+    share_trained: bool | str = "auto"  # ... and in the trained pass: True, False, or "auto" (fit.share_prompt's default)
     keep_pairs: bool = True  # batches hold whole pairs (without: the sampler before issue 15's shared prompt)
 
 
@@ -89,7 +89,8 @@ REFERENCE = Row(
      "fit.group_by_length=false", "mixed_precision=bf16", "gradient_checkpointing=true"),
     orig_copy=True, fixed_window=True, all_instruction=True, share=False,
 )
-DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped, shared prompt; bf16 autocast where native)")
+DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped, shared prompt: frozen passes, trained"
+              " pass where it skips >= 25% of positions; bf16 autocast where native)")
 FP32 = Row("fp32", "default - bf16 autocast (mixed_precision=no)", ("mixed_precision='no'",))
 BF16 = Row("bf16", "default + bf16 autocast (mixed_precision=bf16)", ("mixed_precision=bf16",))
 ROWS = [
@@ -99,7 +100,8 @@ ROWS = [
         " across batches)", share=False, keep_pairs=False),
     Row("no-share", "default - shared prompt (each reply's passes run its prompt again; batches hold whole pairs)",
         share=False),
-    Row("share-trained", "default + shared prompt in the trained pass too (share_trained_prompt)", share_trained=True),
+    Row("share-frozen", "default, the trained pass never shares (fit.share_prompt: frozen)", share_trained=False),
+    Row("share-trained", "default, the trained pass always shares (fit.share_prompt: all)", share_trained=True),
     Row("no-truncate", "default - truncated forward", ("fit.truncate_forward=false",)),
     Row("no-grouping", "default - group_by_length", ("fit.group_by_length=false",)),
     Row("full-copies", "default - adapters (2 merged copies)", ("step1.dual_storage=full-copies",)),
@@ -348,6 +350,17 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
 
     shapes: list[tuple[int, int, int]] = []  # (batch, padded width, real tokens) of each orig batch
     splits: list[tuple[Split, int] | None] = []  # shared-prompt shape and its real tokens, per batch
+    trained_shares: list[bool] = []  # whether the trained pass runs the batch's prompts once
+
+    def trained_shares_batch(orig: dict, multiple: int) -> bool:
+        """FitTrainer.shares_trained_prompt's choice for this batch (checkpointing aside)."""
+        from rahf.hidden_states import shared_prompt_saving, shared_prompts
+        from rahf.method.fit import TRAINED_SHARE_MIN_SAVING
+
+        shared = shared_prompts(orig) if row.share and row.share_trained else None
+        if shared is None:
+            return False
+        return row.share_trained is True or shared_prompt_saving(orig, shared, multiple) >= TRAINED_SHARE_MIN_SAVING
 
     class CountingCollator(FitCollator):
         def __call__(self, batch_examples):
@@ -361,6 +374,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
             ids = batch["orig"]["input_ids"]
             shapes.append((ids.shape[0], ids.shape[1], int(batch["orig"]["attention_mask"].sum())))
             splits.append(split_of(batch["orig"], self.pad_multiple) if row.share else None)
+            trained_shares.append(trained_shares_batch(batch["orig"], self.pad_multiple))
             return batch
 
     def trainer_for(dataset, cache=None) -> FitTrainer:
@@ -372,7 +386,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
             layers=layers, alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
             pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward,
             batch_frozen=config.fit.batch_frozen, kl_weight=0.0, group_by_length=config.fit.group_by_length,
-            share_prompt=row.share, share_trained_prompt=row.share and row.share_trained,
+            share_prompt=row.share, share_trained_prompt=row.share_trained if row.share else False,
         )
         return trainer
 
@@ -386,6 +400,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
         cache = TargetCache(work / "cache" / row.name)
     shapes.clear()
     splits.clear()
+    trained_shares.clear()
     trainer = trainer_for(timed, cache)
     with PeakRSS() as rss_fit:
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -395,12 +410,12 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     shape = Shape.of(model.config)
     frozen_lora = 0 if config.step1.dual_storage == "full-copies" else shape.lora(config.step1.lora.r, config.step1.lora.target_modules)
     fit_lora = shape.lora(config.fit.lora.r, config.fit.lora.target_modules)
-    trained_split = row.share and row.share_trained and not trainer.args.activation_checkpointing  # auto resolved
+    checkpointing = trainer.args.activation_checkpointing  # auto resolved; it stops the trained pass sharing
     flops = sum(
         step_flops(shape, b, t, top=max(layers), truncate=config.fit.truncate_forward, frozen_lora=frozen_lora,
-                   fit_lora=fit_lora, frozen_passes=cache is None, recompute=trainer.args.activation_checkpointing,
-                   split=split[0] if split else None, frozen_split=True, trained_split=trained_split)
-        for (b, t, _), split in zip(shapes, splits, strict=True)
+                   fit_lora=fit_lora, frozen_passes=cache is None, recompute=checkpointing,
+                   split=split[0] if split else None, frozen_split=True, trained_split=shares and not checkpointing)
+        for (b, t, _), split, shares in zip(shapes, splits, trained_shares, strict=True)
     )
     # Tokens the passes process: with a shared prompt, each distinct prompt once, then the replies.
     processed: list[tuple[int, int]] = []  # (tokens computed, padding included; real tokens) per batch
@@ -423,6 +438,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_fit_mb": rss_fit.peak / 2**20,
         "cache_seconds": cache_seconds,
+        "trained_shared_batches": sum(trained_shares) / max(len(trained_shares), 1),
         "bf16": bool(trainer.args.bf16),
     }
 
@@ -625,7 +641,8 @@ def main() -> int:
                 results.append(result)
                 print(f"rep {rep + 1} {row.name:13s} {result['pairs'] / result['seconds']:.3f} pairs/s"
                       f" ({result['pairs'] / result['cpu_seconds']:.3f} per CPU-s)  peak {result['peak_rss_mb']:.0f} MB"
-                      f"  load {load_average()}", flush=True)
+                      f"  trained pass shared in {result['trained_shared_batches']:.0%} of batches  load {load_average()}",
+                      flush=True)
             for name in (stage_names if rep % 2 == 0 else stage_names[::-1]):
                 result = spawn(["--stage", name, "--work", tmp, "--threads", str(args.threads), "--overrides", extra],
                                args.threads)

@@ -310,16 +310,17 @@ def test_share_prompt_key_reaches_the_fit_and_keeps_the_adapter(tmp_path):
     from rahf.testing import save_tiny, write_toy_pairs
 
     tiny, data = save_tiny(tmp_path / "tiny", layers=4), write_toy_pairs(tmp_path / "pairs.jsonl", 24)
-    runs = {share: _align_with(tmp_path, data, tiny, share) for share in ("frozen", "all", "off")}
+    runs = {share: _align_with(tmp_path, data, tiny, share) for share in ("frozen", "all", "off", "auto")}
     flags = {share: [(c["share_prompt"], c["share_trained_prompt"]) for c in calls] for share, (_, calls, _) in runs.items()}
-    assert flags == {"frozen": [(True, False)], "all": [(True, True)], "off": [(False, False)]}
+    assert flags == {"frozen": [(True, False)], "all": [(True, True)], "off": [(False, False)], "auto": [(True, "auto")]}
     counts = {share: counted for share, (_, _, counted) in runs.items()}
     assert counts["frozen"]["frozen"] > 0 and counts["frozen"]["trained"] == 0
     assert counts["all"]["frozen"] > 0 and counts["all"]["trained"] >= 6  # every fit step (max_steps 6)
     assert counts["off"] == {"trained": 0, "frozen": 0}
     reference = runs["frozen"][0]
     assert len(reference) > 0 and max(w.abs().max().item() for n, w in reference.items() if "lora_B" in n) > 1e-4
-    for share in ("all", "off"):
+    assert counts["auto"]["frozen"] > 0 and counts["auto"]["trained"] <= counts["all"]["trained"]
+    for share in ("all", "off", "auto"):
         adapter = runs[share][0]
         assert adapter.keys() == reference.keys()
         for name, weight in reference.items():
@@ -329,21 +330,22 @@ def test_share_prompt_key_reaches_the_fit_and_keeps_the_adapter(tmp_path):
 def test_share_prompt_key_values(tmp_path):
     from rahf.config import AlignConfig, ConfigError
 
-    assert load_config(None, []).fit.share_prompt == "frozen"  # today's behaviour is the default
-    for value in ("frozen", "all", "off"):
+    assert load_config(None, []).fit.share_prompt == "auto"
+    for value in ("auto", "frozen", "all", "off"):
         assert load_config(None, [f"fit.share_prompt={value}"]).fit.share_prompt == value
     written = tmp_path / "share.yaml"
     written.write_text("fit:\n  share_prompt: off\n")  # YAML 1.1 reads a bare `off` as false
     assert load_config(written).fit.share_prompt == "off"
-    with pytest.raises(ConfigError, match=r"--set fit.share_prompt=trained: fit.share_prompt must be one of frozen, all, off; got 'trained'"):
+    with pytest.raises(ConfigError, match=r"--set fit.share_prompt=trained: fit.share_prompt must be one of auto, frozen, all, off; got 'trained'"):
         load_config(None, ["fit.share_prompt=trained"])
-    with pytest.raises(ConfigError, match="fit.share_prompt must be one of frozen, all, off; got True"):
+    with pytest.raises(ConfigError, match="fit.share_prompt must be one of auto, frozen, all, off; got True"):
         load_config(None, ["fit.share_prompt=true"])
-    # A run folder written before the key existed resumes: it fitted as the default does.
+    # A run folder written before the key existed resumes as it fitted: sharing the frozen passes only.
     config = AlignConfig(run_dir=str(tmp_path / "run"))
     older = config.to_dict()
     older["fit"] = {k: v for k, v in older["fit"].items() if k != "share_prompt"}
-    assert config.upgrade_saved(older) == config.to_dict()
+    assert config.upgrade_saved(older)["fit"]["share_prompt"] == "frozen"
+    assert {**config.upgrade_saved(older), "fit": {**older["fit"], "share_prompt": "auto"}} == config.to_dict()
 
 
 def test_trained_pass_that_cannot_share_says_so(dual, tmp_path, capsys):
@@ -369,3 +371,37 @@ def test_trained_pass_that_cannot_share_says_so(dual, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("rahf: fit: the trained pass runs each reply with its own prompt") == 1
     assert "(gradient checkpointing keeps no cache)" in out
+
+
+def test_shared_prompt_saving_counts_the_positions_the_two_calls_skip():
+    from rahf.hidden_states import shared_prompt_saving
+
+    prompts = [list(range(1, 13)), list(range(20, 28))]  # 12 and 8 tokens
+    batch = _batch(prompts, [(0, [5] * 8), (0, [6] * 6), (1, [7] * 8), (1, [8] * 5)], extra=0)
+    shared = shared_prompts(batch)
+    assert batch["input_ids"].shape == (4, 20)
+    # two prompt rows 12 wide and four reply rows 8 wide, instead of four rows 20 wide
+    assert shared_prompt_saving(batch, shared) == pytest.approx(1 - (2 * 12 + 4 * 8) / (4 * 20))
+    # rounded to 16: two rows 16 wide and four 16 wide, more than the one call computes
+    assert shared_prompt_saving(batch, shared, 16) == pytest.approx(1 - (2 * 16 + 4 * 16) / (4 * 20))
+
+
+def test_auto_shares_the_trained_pass_only_where_it_skips_enough(dual, tmp_path):
+    from rahf.method.fit import TRAINED_SHARE_MIN_SAVING
+
+    trainer, _ = _trainer(dual, tmp_path / "auto", share=True)
+    trainer.share_trained_prompt = "auto"
+    trainer.data_collator.pad_multiple = 1
+    model = trainer.model
+    model.train()
+    long_prompts = [list(range(1, 41)), list(range(50, 90))]
+    short_prompts = [[1, 2], [3, 4]]
+    rows = [(0, [5] * 8), (0, [6] * 8), (1, [7] * 8), (1, [8] * 8)]
+    long_batch, short_batch = _batch(long_prompts, rows, extra=0), _batch(short_prompts, rows, extra=0)
+    assert 1 - (2 * 40 + 4 * 8) / (4 * 48) >= TRAINED_SHARE_MIN_SAVING > 1 - (2 * 2 + 4 * 8) / (4 * 10)
+    assert trainer.shares_trained_prompt(model, long_batch)
+    assert not trainer.shares_trained_prompt(model, short_batch)
+    no_repeat = _batch(long_prompts, [(0, [5] * 8), (1, [7] * 8)], extra=0)
+    assert not trainer.shares_trained_prompt(model, no_repeat)
+    trainer.share_trained_prompt = True  # `all`: every batch whose prompts repeat
+    assert trainer.shares_trained_prompt(model, short_batch)

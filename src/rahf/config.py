@@ -193,9 +193,9 @@ class FitConfig:
         default=0, metadata={"help": "stop when the loss improved < plateau_threshold (relative) over this many logged steps; 0: off"}
     )
     plateau_threshold: float = field(default=0.01, metadata={"help": "relative loss improvement that counts as progress"})
-    share_prompt: Literal["frozen", "all", "off"] = field(
-        default="frozen",
-        metadata={"help": "run a prompt both replies of a pair share once per model: frozen = in the frozen passes; all = the trained pass too (faster on long prompts, slower on short; not with kl_weight or gradient checkpointing); off = never"},
+    share_prompt: Literal["auto", "frozen", "all", "off"] = field(
+        default="auto",
+        metadata={"help": "run a prompt both replies of a pair share once per model: frozen = in the frozen passes; all = the trained pass too (faster on long prompts, slower on short; not with kl_weight or gradient checkpointing); auto = frozen, and the trained pass in batches where it skips >= 25% of the positions; off = never"},
     )
 
     def check(self) -> None:
@@ -346,7 +346,7 @@ class AlignConfig(RunConfig):
 
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section;
-        runs written before ``fit.share_prompt`` fitted as its default does (within 1e-5)."""
+        runs written before ``fit.share_prompt`` shared the frozen passes only: they resume as ``frozen``."""
         upgraded = {k: v for k, v in saved.items() if k != "baseline"}
         if isinstance(upgraded.get("fit"), dict):
             upgraded["fit"] = {"share_prompt": "frozen", **upgraded["fit"]}

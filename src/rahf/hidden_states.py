@@ -171,6 +171,17 @@ def shared_prompts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     return torch.tensor(firsts), torch.tensor(owner)
 
 
+def shared_prompt_saving(batch: dict[str, torch.Tensor], shared: tuple[torch.Tensor, torch.Tensor],
+                         pad_multiple: int = 1) -> float:
+    """The share of a one-call pass's token positions that :func:`reply_hidden_states_shared`
+    does not compute (0.0: none; widths rounded as that function rounds them)."""
+    firsts, _ = shared
+    rows, seq = batch["input_ids"].shape
+    prompt = _round_up(max(int(batch["reply_start"].max()), 1), pad_multiple)
+    reply = _round_up(max(int(batch["reply_len"].max()), 1), pad_multiple)
+    return 1.0 - (len(firsts) * prompt + rows * reply) / (rows * seq)
+
+
 def _cache_argument(model: nn.Module) -> str:
     """The forward keyword that takes a KV cache (``cache`` since transformers 5.24, before it
     ``past_key_values``)."""

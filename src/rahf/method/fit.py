@@ -17,14 +17,21 @@ examples, (optionally) cache the targets, train, save the adapter.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
 from rahf import console
-from rahf.hidden_states import gather_reply, reply_hidden_states, reply_mask, unwrap
+from rahf.hidden_states import (
+    gather_reply,
+    reply_hidden_states,
+    reply_mask,
+    shared_prompt_saving,
+    shared_prompts,
+    unwrap,
+)
 from rahf.io import is_main_process
 from rahf.method.patterns import (
     ROLES,
@@ -64,6 +71,13 @@ def reply_kl(frozen_logits: torch.Tensor, trained_logits: torch.Tensor, batch: d
 
 
 PAD_MULTIPLE = 16  # FitCollator rounds each role's padded width up to a multiple of this
+# ``fit.share_prompt: auto``: the trained pass runs a batch's shared prompts once when that skips at
+# least this share of the one-call pass's token positions. The second call and the cache it carries
+# cost the trained pass more than the frozen ones (it keeps both for the backward): sharing it
+# was 1.10x and 1.18x faster in two runs on AlpacaEval windows (median saving 0.28 per batch of 8)
+# and 0.89x and 0.97x on the built-in pairs' short prompts (median 0.21); BENCHMARKS.md,
+# "Shared prompt" and "`fit.share_prompt: auto`".
+TRAINED_SHARE_MIN_SAVING = 0.25
 
 
 def round_up(width: int, multiple: int) -> int:
@@ -293,16 +307,15 @@ class FitTrainer(GuardedTrainer):
         group_by_length: bool = False,
         bf16: bool | None = None,
         share_prompt: bool = True,
-        share_trained_prompt: bool = False,
+        share_trained_prompt: bool | Literal["auto"] = False,
     ) -> None:
         """``bf16``: autocast every forward of the loss (default: as Trainer's ``args.bf16``).
         ``share_prompt``: the frozen passes run a prompt that rows of a batch share once (the
         sampler keeps both replies of a pair in one batch, ``patterns.reply: both``);
         ``share_trained_prompt``: the trained pass too (not under gradient checkpointing, which
         cannot keep a cache; not with ``kl_weight``, which reads every position's logits: a line
-        says so). Off by
-        default: on AlpacaEval windows it was 10 % faster per CPU-second, on the built-in pairs'
-        short prompts 11 % slower with 16 % more peak memory (BENCHMARKS.md, "Shared prompt")."""
+        says so); ``"auto"``: in the batches where that skips enough token positions
+        (:data:`TRAINED_SHARE_MIN_SAVING`), since it pays on long prompts and costs on short ones."""
         self.layers, self.alpha, self.source, self.frozen = list(layers), alpha, source, frozen
         self.pad_id, self.truncate, self.batch_frozen, self.kl_weight = pad_id, truncate, batch_frozen, kl_weight
         self.group_by_length = group_by_length
@@ -356,12 +369,19 @@ class FitTrainer(GuardedTrainer):
         """Width multiple of the shared-prompt calls: the collator's (few distinct shapes, issue #17)."""
         return getattr(getattr(self, "data_collator", None), "pad_multiple", PAD_MULTIPLE)
 
-    def shares_trained_prompt(self, model) -> bool:
-        """Whether the trained pass may run a shared prompt once: not under gradient checkpointing
-        (a checkpointed block cannot return its cache)."""
-        if not (getattr(self, "share_prompt", False) and getattr(self, "share_trained_prompt", False)):
+    def shares_trained_prompt(self, model, batch: dict | None = None) -> bool:
+        """Whether the trained pass runs ``batch``'s shared prompts once: not under gradient
+        checkpointing (a checkpointed block cannot return its cache); with ``"auto"`` only where
+        that skips at least :data:`TRAINED_SHARE_MIN_SAVING` of the positions (no batch: may it at all)."""
+        mode = getattr(self, "share_trained_prompt", False)
+        if not (getattr(self, "share_prompt", False) and mode):
             return False
-        return not (model.training and getattr(unwrap(model), "is_gradient_checkpointing", False))
+        if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
+            return False
+        if mode != "auto" or batch is None:
+            return True
+        shared = shared_prompts(batch)
+        return shared is not None and shared_prompt_saving(batch, shared, self.pad_multiple()) >= TRAINED_SHARE_MIN_SAVING
 
     def stage_loss(self, model, inputs: dict) -> torch.Tensor:
         orig = inputs["orig"]
@@ -371,7 +391,7 @@ class FitTrainer(GuardedTrainer):
             if self.kl_weight > 0:
                 return self._loss_with_kl(model, orig, target, width)
             hidden = reply_hidden_states(model, orig, self.layers, reply_width=width, truncate=self.truncate,
-                                         share_prompt=self.shares_trained_prompt(model),
+                                         share_prompt=self.shares_trained_prompt(model, orig),
                                          pad_multiple=self.pad_multiple())
         return fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
 
@@ -484,7 +504,8 @@ def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> di
         pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward and config.fit.kl_weight == 0,
         batch_frozen=config.fit.batch_frozen, kl_weight=config.fit.kl_weight,
         group_by_length=config.fit.group_by_length,
-        share_prompt=config.fit.share_prompt != "off", share_trained_prompt=config.fit.share_prompt == "all",
+        share_prompt=config.fit.share_prompt != "off",
+        share_trained_prompt={"all": True, "auto": "auto"}.get(config.fit.share_prompt, False),
     )
     if config.fit.targets == "cached":
         cache_dir = run.stage("targets")
