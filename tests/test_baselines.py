@@ -100,7 +100,7 @@ def test_dpo_uses_aligns_tokens_and_no_reference_copy(setup, tmp_path):
     from rahf.runs import prepare_data, read_pairs
 
     model_dir, data = setup
-    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4", method="dpo")
+    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4", "train.max_steps=-1", method="dpo")
     prepare_data(config, tmp_path, rahf_halves=False)
     pairs = read_pairs(tmp_path / "train.jsonl")
     tokenizer = load_tokenizer(str(model_dir))
@@ -145,6 +145,29 @@ def test_nan_loss_stops_with_step_and_rerun_resumes(setup, tmp_path, monkeypatch
     assert "resuming from" in capsys.readouterr().out
     # the log is rebuilt from the checkpoint's history: steps 1-2 come from the stopped run
     assert [r["step"] for r in records(final)] == [1, 2, 3]
+
+
+def test_reference_log_probs_are_precomputed_only_when_training_reads_every_pair(setup, tmp_path, capsys):
+    from rahf.baselines.dpo import build_dpo_trainer, reads_every_pair
+    from rahf.config import TrainSettings
+    from rahf.models import load_tokenizer
+    from rahf.data import load_preferences
+
+    assert reads_every_pair(TrainSettings(max_steps=4, batch_size=4), 16)
+    assert not reads_every_pair(TrainSettings(max_steps=3, batch_size=4), 16)
+    assert reads_every_pair(TrainSettings(max_steps=2, batch_size=4, grad_accum=2), 16)
+    assert reads_every_pair(TrainSettings(max_steps=1, batch_size=4), 16, world_size=4)
+    assert reads_every_pair(TrainSettings(epochs=1.0), 16) and not reads_every_pair(TrainSettings(epochs=0.5), 16)
+
+    model_dir, data = setup
+    pairs, tokenizer = load_preferences(str(data)).pairs[:16], load_tokenizer(str(model_dir))
+    short = build_dpo_trainer(tiny_config(model_dir, data, tmp_path / "a", method="dpo"), pairs, tokenizer, tmp_path / "a")
+    assert not short.args.precompute_ref_log_probs  # 3 steps x 4 read 12 of 16 pairs
+    assert "ref_chosen_logps" not in short.train_dataset.column_names
+    assert "reference log-probs are computed per batch" in capsys.readouterr().out
+    whole = build_dpo_trainer(tiny_config(model_dir, data, tmp_path / "b", "train.max_steps=4", method="dpo"),
+                              pairs, tokenizer, tmp_path / "b")
+    assert whole.args.precompute_ref_log_probs and "ref_chosen_logps" in whole.train_dataset.column_names
 
 
 def test_full_finetune_writes_merged_weights_only(setup, tmp_path):

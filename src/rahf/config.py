@@ -369,7 +369,7 @@ class BaselineConfig(RunConfig):
     full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of LoRA"})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature of the implicit reward"})
     precompute_ref_log_probs: bool = field(
-        default=True, metadata={"help": "DPO: compute the reference log-probs once before training"}
+        default=True, metadata={"help": "DPO: compute the reference log-probs once before training (when training reads every pair; else per batch)"}
     )
 
     FOREIGN_KEYS: ClassVar[dict[str, str]] = {

@@ -10,7 +10,8 @@ At the start pi == pi_ref, so the first loss is log 2 ~= 0.6931. TRL logs ``rewa
 
 The reference is never a second copy with LoRA: TRL computes it with the adapter disabled.
 ``precompute_ref_log_probs`` (rahf baseline dpo) makes TRL compute it once over the training set before
-training (supported with PEFT in TRL 1.16: adapter disabled then too).
+training (supported with PEFT in TRL 1.16: adapter disabled then too), when training reads every
+pair (:func:`reads_every_pair`); a shorter budget computes it per batch instead.
 
 Data reach TRL in its conversational preference format (``prompt`` messages, ``chosen`` /
 ``rejected`` as one assistant message each). TRL 1.16 has no pre-tokenised input for DPO and
@@ -23,16 +24,19 @@ On a ChatML template TRL's own tokenisation differs only by the newline after ``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
+from rahf import console
 from rahf.baselines import FiniteLoss, train_and_save, trl_arguments
 from rahf.config import BaselineConfig, LoraSettings, RunConfig, TrainSettings
 from rahf.data.render import encode_prompt, encode_reply
 from rahf.data.schema import PreferencePair
+from rahf.io import is_main_process
 from rahf.models import load_model
 from rahf.trainer import lora_config
 
@@ -77,6 +81,15 @@ class GuardedDPOTrainer(FiniteLoss, DPOTrainer):
         return dataset.map(tokenize, remove_columns=dataset.column_names, desc=f"Tokenizing {dataset_name} pairs")
 
 
+def reads_every_pair(train: TrainSettings, pairs: int, world_size: int = 1) -> bool:
+    """Whether training reads every pair at least once. Only then does precomputing the reference
+    log-probs pay: with fewer steps it would run the reference on pairs training never reads (the
+    quality bench's DPO spent most of its CPU budget there)."""
+    if train.max_steps > 0:
+        return train.max_steps * train.batch_size * train.grad_accum * world_size >= pairs
+    return train.epochs >= 1
+
+
 def build_dpo_trainer(
     config: RunConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *,
     train: TrainSettings | None = None, lora: LoraSettings | None | bool = True, beta: float | None = None,
@@ -96,6 +109,11 @@ def build_dpo_trainer(
         precompute_ref_log_probs = (
             settings.precompute_ref_log_probs if precompute_ref_log_probs is None else precompute_ref_log_probs
         )
+    if precompute_ref_log_probs and not reads_every_pair(train, len(pairs), int(os.environ.get("WORLD_SIZE", "1"))):
+        if is_main_process():
+            console.info(f"rahf: dpo: {train.max_steps} steps read fewer than the {len(pairs)} pairs: reference"
+                         " log-probs are computed per batch, not up front for every pair")
+        precompute_ref_log_probs = False
     model = load_model(model_path or config.model, dtype=config.dtype, device=config.device)
     args = trl_arguments(
         config, DPOConfig, out / "checkpoints", stage="dpo", train=train,
