@@ -351,17 +351,25 @@ def versus_base(result: dict, base: dict) -> dict[str, dict]:
     return out
 
 
-def guards(result: dict, base: dict) -> dict[str, bool]:
-    """#13's "no gain by length or breakage" targets, each on every source: reply tokens within
-    ±10 % of base, limit-hit ≤ base + 10 points, 4-gram repetition ≤ base + 3 points, over-refusal ≤ 5 %."""
-    ok = dict.fromkeys(("length", "limit", "repetition", "over-refusal"), True)
+def guard_excess(result: dict, base: dict) -> dict[str, float]:
+    """How far past each of #13's "no gain by length or breakage" targets ``result`` is, in
+    points, summed over sources (0.0: kept): reply tokens within ±10 % of base, limit-hit ≤
+    base + 10 points, 4-gram repetition ≤ base + 3 points, over-refusal ≤ 5 %."""
+    excess = dict.fromkeys(("length", "limit", "repetition", "over-refusal"), 0.0)
     for source in SOURCES:
         b, m = base["sources"][source]["behaviour"], result["sources"][source]["behaviour"]
-        ok["length"] &= abs(m["mean_tokens"] / max(b["mean_tokens"], 1e-9) - 1) <= 0.10 + 1e-9  # float slack
-        ok["limit"] &= m["hit_limit_rate"] <= b["hit_limit_rate"] + 0.10 + 1e-9
-        ok["repetition"] &= m["repetition_rate"] <= b["repetition_rate"] + 0.03 + 1e-9
-        ok["over-refusal"] &= (m.get("over_refusal_rate") or 0.0) <= 0.05 + 1e-9
-    return {k: bool(v) for k, v in ok.items()}
+        past = {"length": abs(m["mean_tokens"] / max(b["mean_tokens"], 1e-9) - 1) - 0.10,
+                "limit": m["hit_limit_rate"] - b["hit_limit_rate"] - 0.10,
+                "repetition": m["repetition_rate"] - b["repetition_rate"] - 0.03,
+                "over-refusal": (m.get("over_refusal_rate") or 0.0) - 0.05}
+        for name, value in past.items():
+            excess[name] += 100 * value if value > 1e-9 else 0.0  # float slack: exactly at a bound keeps it
+    return excess
+
+
+def guards(result: dict, base: dict) -> dict[str, bool]:
+    """Which of #13's targets ``result`` keeps on every source (:func:`guard_excess` is 0)."""
+    return {name: value == 0.0 for name, value in guard_excess(result, base).items()}
 
 
 def summary(evals: list[dict], base: dict) -> dict[str, dict]:
@@ -435,9 +443,13 @@ def prepare_splits(data_dir: Path, out: Path, *, train_pairs: int, rm_pairs: int
 
 def pick_setting(tried: dict[str, dict], base: dict) -> str | None:
     """The tuning rule: the highest mean paired margin change over both sources among the
-    settings that keep every guard; if none does, the highest overall."""
+    settings that keep every guard; if none does, among those that exceed the guards least
+    (points past them, summed: :func:`guard_excess`, to 0.1), the highest. (Until 2026-12-01
+    the fallback was the highest margin overall, which picked a setting with 49 % repeated
+    4-grams: a gain by breakage, which #13 says is not a gain.)"""
     if not tried:
         return None
     score = {name: sum(versus_base(r, base)[s]["margin"]["value"] for s in SOURCES) / len(SOURCES) for name, r in tried.items()}
-    safe = [n for n, r in tried.items() if all(guards(r, base).values())]
-    return max(safe or score, key=score.get)
+    excess = {name: round(sum(guard_excess(r, base).values()), 1) for name, r in tried.items()}
+    least = min(excess.values())
+    return max((n for n in tried if excess[n] == least), key=score.get)

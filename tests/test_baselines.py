@@ -150,8 +150,8 @@ def test_nan_loss_stops_with_step_and_rerun_resumes(setup, tmp_path, monkeypatch
 def test_reference_log_probs_are_precomputed_only_when_training_reads_every_pair(setup, tmp_path, capsys):
     from rahf.baselines.dpo import build_dpo_trainer, reads_every_pair
     from rahf.config import TrainSettings
-    from rahf.models import load_tokenizer
     from rahf.data import load_preferences
+    from rahf.models import load_tokenizer
 
     assert reads_every_pair(TrainSettings(max_steps=4, batch_size=4), 16)
     assert not reads_every_pair(TrainSettings(max_steps=3, batch_size=4), 16)

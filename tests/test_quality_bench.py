@@ -55,6 +55,18 @@ def test_pick_prefers_the_best_setting_that_keeps_the_guards():
     assert benchlib.pick_setting(tried, base) == "safe"
     assert benchlib.pick_setting({"long": tried["long"], "other": _result([0.5, 0.5], [0, 0], [10, 10], mean_tokens=70.0)}, base) == "long"
     assert benchlib.pick_setting({}, base) is None
+    # none keeps every guard: the least excess wins over the larger margin
+    repeats = _result([2.0, 2.0], [1.0, 1.0], [10, 10], repetition_rate=0.50)  # 42 points past, per source
+    longer = _result([0.3, 0.3], [1.0, 1.0], [10, 10], mean_tokens=60.0)  # 10 points past, per source
+    assert benchlib.pick_setting({"repeats": repeats, "longer": longer}, base) == "longer"
+
+
+def test_guard_excess_counts_points_past_each_bound_over_both_sources():
+    base = _result([0.0], [0.0], [10])
+    result = _result([0.0], [0.0], [10], mean_tokens=60.0, hit_limit_rate=0.65, repetition_rate=0.05, over_refusal_rate=0.08)
+    # per source: length 20 % - 10 = 10, limit 15 - 10 = 5, repetition 0, over-refusal 8 - 5 = 3
+    assert benchlib.guard_excess(result, base) == pytest.approx({"length": 20.0, "limit": 10.0, "repetition": 0.0, "over-refusal": 6.0})
+    assert benchlib.guard_excess(base, base) == dict.fromkeys(("length", "limit", "repetition", "over-refusal"), 0.0)
 
 
 def test_paired_margin_and_win_rates():
