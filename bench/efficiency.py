@@ -90,7 +90,7 @@ REFERENCE = Row(
     orig_copy=True, fixed_window=True, all_instruction=True, share=False,
 )
 DEFAULT = Row("default", "our default (adapters, truncated, batched, grouped, shared prompt: frozen passes, trained"
-              " pass where it skips >= 25% of positions; bf16 autocast where native)")
+              " pass where it skips > 25% of positions; bf16 autocast where native)")
 FP32 = Row("fp32", "default - bf16 autocast (mixed_precision=no)", ("mixed_precision='no'",))
 BF16 = Row("bf16", "default + bf16 autocast (mixed_precision=bf16)", ("mixed_precision=bf16",))
 ROWS = [
@@ -355,12 +355,12 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     def trained_shares_batch(orig: dict, multiple: int) -> bool:
         """FitTrainer.shares_trained_prompt's choice for this batch (checkpointing aside)."""
         from rahf.hidden_states import shared_prompt_saving, shared_prompts
-        from rahf.method.fit import TRAINED_SHARE_MIN_SAVING
+        from rahf.method.fit import TRAINED_SHARE_ABOVE
 
         shared = shared_prompts(orig) if row.share and row.share_trained else None
         if shared is None:
             return False
-        return row.share_trained is True or shared_prompt_saving(orig, shared, multiple) >= TRAINED_SHARE_MIN_SAVING
+        return row.share_trained is True or shared_prompt_saving(orig, shared, multiple) > TRAINED_SHARE_ABOVE
 
     class CountingCollator(FitCollator):
         def __call__(self, batch_examples):

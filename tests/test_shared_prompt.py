@@ -387,7 +387,8 @@ def test_shared_prompt_saving_counts_the_positions_the_two_calls_skip():
 
 
 def test_auto_shares_the_trained_pass_only_where_it_skips_enough(dual, tmp_path):
-    from rahf.method.fit import TRAINED_SHARE_MIN_SAVING
+    from rahf.hidden_states import shared_prompt_saving
+    from rahf.method.fit import TRAINED_SHARE_ABOVE
 
     trainer, _ = _trainer(dual, tmp_path / "auto", share=True)
     trainer.share_trained_prompt = "auto"
@@ -398,10 +399,13 @@ def test_auto_shares_the_trained_pass_only_where_it_skips_enough(dual, tmp_path)
     short_prompts = [[1, 2], [3, 4]]
     rows = [(0, [5] * 8), (0, [6] * 8), (1, [7] * 8), (1, [8] * 8)]
     long_batch, short_batch = _batch(long_prompts, rows, extra=0), _batch(short_prompts, rows, extra=0)
-    assert 1 - (2 * 40 + 4 * 8) / (4 * 48) >= TRAINED_SHARE_MIN_SAVING > 1 - (2 * 2 + 4 * 8) / (4 * 10)
+    assert 1 - (2 * 40 + 4 * 8) / (4 * 48) > TRAINED_SHARE_ABOVE > 1 - (2 * 2 + 4 * 8) / (4 * 10)
     assert trainer.shares_trained_prompt(model, long_batch)
     assert not trainer.shares_trained_prompt(model, short_batch)
     no_repeat = _batch(long_prompts, [(0, [5] * 8), (1, [7] * 8)], extra=0)
     assert not trainer.shares_trained_prompt(model, no_repeat)
+    at_bound = _batch([list(range(1, 17)), list(range(20, 36))], [(0, [5] * 16), (0, [6] * 16), (1, [7] * 16), (1, [8] * 16)], extra=0)
+    assert shared_prompt_saving(at_bound, shared_prompts(at_bound)) == TRAINED_SHARE_ABOVE  # 1 - (2*16 + 4*16) / (4*32)
+    assert not trainer.shares_trained_prompt(model, at_bound)  # exactly at the bound: short-prompt batches sit there
     trainer.share_trained_prompt = True  # `all`: every batch whose prompts repeat
     assert trainer.shares_trained_prompt(model, short_batch)

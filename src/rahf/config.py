@@ -195,7 +195,7 @@ class FitConfig:
     plateau_threshold: float = field(default=0.01, metadata={"help": "relative loss improvement that counts as progress"})
     share_prompt: Literal["auto", "frozen", "all", "off"] = field(
         default="auto",
-        metadata={"help": "run a prompt both replies of a pair share once per model: frozen = in the frozen passes; all = the trained pass too (faster on long prompts, slower on short; not with kl_weight or gradient checkpointing); auto = frozen, and the trained pass in batches where it skips >= 25% of the positions; off = never"},
+        metadata={"help": "run a prompt both replies of a pair share once per model: frozen = in the frozen passes; all = the trained pass too (faster on long prompts, slower on short; not with kl_weight or gradient checkpointing); auto = frozen, and the trained pass in batches where it skips > 25% of the positions; off = never"},
     )
 
     def check(self) -> None:
