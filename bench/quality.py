@@ -24,7 +24,7 @@ import math
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -299,12 +299,19 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
                 state["free"][key] = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else None
             else:
                 submit("free", key, " ".join(key), evaluate, run, ctx, "smollm2", folder, extra)
+    picks = state["picks"] = {}
+    waiting = {m: [(key, f) for part, key, f in jobs if part == "tune" and key[0] == m] for m in methods}
+    while waiting:  # a method's other seeds start once its own settings are tuned, not after every method's
+        ready = next((m for m, fs in waiting.items() if all(f.done() for _, f in fs)), None)
+        if ready is None:
+            wait([f for fs in waiting.values() for _, f in fs if not f.done()], return_when=FIRST_COMPLETED)
+            continue
+        for key, future in waiting.pop(ready):
+            state["tune"][key] = future.result()
+        picks[ready] = bl.pick_setting({n: r["eval"] for (m, n), r in state["tune"].items() if m == ready and r}, base)
+        for s in [s for s in args.seeds if s != 0] if picks[ready] else ():
+            submit("seeds", (ready, s), f"{ready} {picks[ready]} seed {s}", chain, ready, knobs_of(ready, picks[ready]), s)
     collect()
-    picks = state["picks"] = {m: bl.pick_setting({n: r["eval"] for (mm, n), r in state["tune"].items() if mm == m and r}, base)
-                              for m in methods}
-    for m in [m for m in methods if picks[m]]:
-        for s in [s for s in args.seeds if s != 0]:
-            submit("seeds", (m, s), f"{m} {picks[m]} seed {s}", chain, m, knobs_of(m, picks[m]), s)
     margin = {m: sum(bl.versus_base(state["tune"][(m, picks[m])]["eval"], base)[s]["margin"]["value"] for s in SOURCES)
               for m in ("scit", "dual") if picks.get(m)}
     best = state["best"] = max(margin, key=margin.get, default=None)
