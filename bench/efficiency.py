@@ -322,7 +322,13 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     import torch
 
     from rahf.config import load_config
-    from rahf.method.fit import FitCollator, FitTrainer, compute_cache, load_fit_model
+    from rahf.method.fit import (
+        FitCollator,
+        FitTrainer,
+        compute_cache,
+        load_fit_model,
+        trained_pass_shares,
+    )
     from rahf.method.patterns import FROZEN, ROLES, fit_examples, pattern_source
     from rahf.method.targets import TargetCache
     from rahf.models import load_model, load_tokenizer
@@ -352,16 +358,6 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     splits: list[tuple[Split, int] | None] = []  # shared-prompt shape and its real tokens, per batch
     trained_shares: list[bool] = []  # whether the trained pass runs the batch's prompts once
 
-    def trained_shares_batch(orig: dict, multiple: int) -> bool:
-        """FitTrainer.shares_trained_prompt's choice for this batch (checkpointing aside)."""
-        from rahf.hidden_states import shared_prompt_saving, shared_prompts
-        from rahf.method.fit import TRAINED_SHARE_ABOVE
-
-        shared = shared_prompts(orig) if row.share and row.share_trained else None
-        if shared is None:
-            return False
-        return row.share_trained is True or shared_prompt_saving(orig, shared, multiple) > TRAINED_SHARE_ABOVE
-
     class CountingCollator(FitCollator):
         def __call__(self, batch_examples):
             if row.fixed_window:  # the reference layout: every role prompt window + reply window wide
@@ -374,7 +370,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
             ids = batch["orig"]["input_ids"]
             shapes.append((ids.shape[0], ids.shape[1], int(batch["orig"]["attention_mask"].sum())))
             splits.append(split_of(batch["orig"], self.pad_multiple) if row.share else None)
-            trained_shares.append(trained_shares_batch(batch["orig"], self.pad_multiple))
+            trained_shares.append(row.share and trained_pass_shares(batch["orig"], row.share_trained, self.pad_multiple))
             return batch
 
     def trainer_for(dataset, cache=None) -> FitTrainer:

@@ -83,8 +83,8 @@ class GuardedDPOTrainer(FiniteLoss, DPOTrainer):
 
 def reads_every_pair(train: TrainSettings, pairs: int, world_size: int = 1) -> bool:
     """Whether training reads every pair at least once. Only then does precomputing the reference
-    log-probs pay: with fewer steps it would run the reference on pairs training never reads (the
-    quality bench's DPO spent most of its CPU budget there)."""
+    log-probs pay: with fewer steps it would run the reference on pairs training never reads (Dual
+    step 1 with the preference objective spent most of the quality bench's budget there)."""
     if train.max_steps > 0:
         return train.max_steps * train.batch_size * train.grad_accum * world_size >= pairs
     return train.epochs >= 1
@@ -111,7 +111,7 @@ def build_dpo_trainer(
         )
     if precompute_ref_log_probs and not reads_every_pair(train, len(pairs), int(os.environ.get("WORLD_SIZE", "1"))):
         if is_main_process():
-            console.info(f"rahf: dpo: {train.max_steps} steps read fewer than the {len(pairs)} pairs: reference"
+            console.info(f"rahf: dpo: the step budget reads fewer than the {len(pairs)} pairs: reference"
                          " log-probs are computed per batch, not up front for every pair")
         precompute_ref_log_probs = False
     model = load_model(model_path or config.model, dtype=config.dtype, device=config.device)

@@ -81,6 +81,16 @@ PAD_MULTIPLE = 16  # FitCollator rounds each role's padded width up to a multipl
 TRAINED_SHARE_ABOVE = 0.25
 
 
+def trained_pass_shares(batch: dict, mode: bool | Literal["auto"], pad_multiple: int) -> bool:
+    """Whether the trained pass runs ``batch``'s repeated prompts once under ``share_trained_prompt``
+    ``mode`` (gradient checkpointing aside): never without repeats, always with ``True``, and with
+    ``"auto"`` where that skips more than :data:`TRAINED_SHARE_ABOVE` of the positions."""
+    shared = shared_prompts(batch) if mode else None
+    if shared is None:
+        return False
+    return mode is True or shared_prompt_saving(batch, shared, pad_multiple) > TRAINED_SHARE_ABOVE
+
+
 def round_up(width: int, multiple: int) -> int:
     return -(-width // multiple) * multiple
 
@@ -379,10 +389,7 @@ class FitTrainer(GuardedTrainer):
             return False
         if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
             return False
-        if mode != "auto" or batch is None:
-            return True
-        shared = shared_prompts(batch)
-        return shared is not None and shared_prompt_saving(batch, shared, self.pad_multiple()) > TRAINED_SHARE_ABOVE
+        return batch is None or trained_pass_shares(batch, mode, self.pad_multiple())
 
     def stage_loss(self, model, inputs: dict) -> torch.Tensor:
         orig = inputs["orig"]
