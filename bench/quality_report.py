@@ -98,15 +98,21 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
                      f" | {'ok' if all(g.values()) else 'broken: ' + ', '.join(k for k, ok in g.items() if not ok)}"
                      f" | {sum(bl.guard_excess(r['eval'], base).values()):.1f}"
                      f" | {r['train']['cpu_seconds']:.0f} | {r['train']['steps']} |")
-    ablations = ["| one change from the pick | " + " | ".join(f"margin − base {s} (95% CI)" for s in SOURCES) + " | guards |", "|---|---|---|---|"]
-    for (_, knob), r in state["ablate"].items():
+    ablations = ["| one change from the pick | " + " | ".join(f"margin − base {s} (95% CI)" for s in SOURCES)
+                 + " | reply tokens vs base " + " / ".join(SOURCES) + " | guards |", "|---|---|---|---|---|"]
+    best = state.get("best")
+    rows = [(f"none: the pick ({picks[best]}), seed 0", state["tune"].get((best, picks[best])))] if best and picks.get(best) else []
+    rows += [(f"{knob} → {r['train']['knobs'][knob]}" if r else knob, r) for (_, knob), r in state["ablate"].items()]
+    for label, r in rows:
         if not r:
-            ablations.append(f"| {knob} | pending | pending | |")
+            ablations.append(f"| {label} | pending | pending | | |")
             continue
-        v = bl.versus_base(r["eval"], base)
-        ablations.append(f"| {knob} → {r['train']['knobs'][knob]} | " + " | ".join(
+        v, g = bl.versus_base(r["eval"], base), bl.guards(r["eval"], base)
+        tokens = bl.summary([r["eval"]], base)
+        ablations.append(f"| {label} | " + " | ".join(
             f"{v[s]['margin']['value']:+.3f} [{v[s]['margin']['low']:+.3f}, {v[s]['margin']['high']:+.3f}]" for s in SOURCES)
-            + f" | {'ok' if all(bl.guards(r['eval'], base).values()) else 'broken'} |")
+            + " | " + " / ".join(f"{tokens[s]['tokens']:+.0%}" for s in SOURCES)
+            + f" | {'ok' if all(g.values()) else 'broken: ' + ', '.join(k for k, ok in g.items() if not ok)} |")
     done = [r for part in ("tune", "seeds", "ablate") for r in state[part].values() if r]
     jobs += [r["train"] for r in done] + [r["eval"] for r in done] + [r for r in state["free"].values() if r]
     per_seed = {s: sum(r["train"]["cpu_seconds"] + r["eval"]["cpu_seconds"] for (m, x), r in state["seeds"].items() if x == s and r)

@@ -106,3 +106,30 @@ def test_report_renders_results_and_pending_cells(tmp_path, monkeypatch):
     # 40 steps x 8 examples x 192 tokens x 6 x 134.5M parameters
     assert f"880 / 20 min / {40 * 8 * 192 * 6 * 134.5e6:.1e}" in text
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_ablation_table_starts_with_the_pick_and_shows_length_and_broken_guards(tmp_path, monkeypatch):
+    import argparse
+
+    import quality_report
+
+    monkeypatch.setattr(quality_report, "PLOT", tmp_path / "quality.png")
+    base = {**_result([0.0, 0.0], [0.0, 1.0], [10, 12]), "commit": "a" * 40, "cpu_seconds": 100.0}
+
+    def trained(knobs: dict, margins: list[float], **behaviour) -> dict:
+        return {"train": {"cpu_seconds": 600.0, "wall_seconds": 900.0, "commit": "b" * 40, "stage_cpu": {},
+                          "steps": {"step1": 5, "fit": 20}, "knobs": knobs},
+                "eval": {**_result(margins, [1.0, 2.0], [10, 12], **behaviour), "cpu_seconds": 90.0, "commit": "b" * 40}}
+
+    state = {"tune": {("dual", "demo"): trained({"disjoint": 0.5}, [0.2, 0.4])}, "seeds": {},
+             "ablate": {("ablate", "disjoint"): trained({"disjoint": 0.0}, [0.1, 0.1], mean_tokens=60.0),
+                        ("ablate", "ready"): None},
+             "free": {}, "failed": [], "picks": {"dual": "demo"}, "best": "dual"}
+    args = argparse.Namespace(methods=["dual"], seeds=[0], smoke=False, no_write=False)
+    ctx = {"base": base, "budget": quality.Budget(), "machine": "test machine"}
+    text = quality_report.report(args, ctx, state, "python bench/quality.py", {"dual": {"demo": "why"}})
+    table = text[text.index("| one change from the pick"):].splitlines()
+    assert table[2].startswith("| none: the pick (demo), seed 0 | +0.300 [") and table[2].endswith("| +0% / +0% | ok |")
+    # 60 mean tokens against the base's 50: +20 %, past the ±10 % length guard
+    assert table[3].startswith("| disjoint → 0.0 | +0.100 [") and table[3].endswith("| +20% / +20% | broken: length |")
+    assert table[4] == "| ready | pending | pending | | |"
