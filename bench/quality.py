@@ -93,6 +93,9 @@ SETTINGS: dict[str, dict[str, tuple[dict, str]]] = {
 FLIPS = {"disjoint": {0.5: 0.0, 0.0: 0.5}, "ready": {False: "until", "until": False}, "target": {"base": "preferred", "preferred": "base"},
          "objective": {"sft": "preference", "preference": "sft"}, "capacity": {"qv": "all", "all": "qv"},
          "band": {"default": "scan", "scan": "default"}}
+# Ablations beyond the tuned knobs (knob -> value), where the pick has ``requires``: a knob absent
+# from DEFAULTS keeps the digests, and so the cache, of every other setting.
+EXTRA_ABLATIONS = {"shared": (True, {"objective": "preference"})}  # step 1 without the length / end-of-reply signal
 STRENGTHS = (0.5, 1.0, 2.0, 4.0)  # steering: multiples of the scan's suggested strength
 
 
@@ -137,6 +140,7 @@ def overrides(method: str, knobs: dict, budget: Budget, seed: int, data: Path, s
         sets.append(f"patterns.scan={scan_json}")
     if method == "dual":
         sets += [f"step1.objective={knobs['objective']}", f"patterns.align_target={knobs['target']}"]
+        sets += ["step1.shared_length=true"] if knobs.get("shared") else []
     if not knobs["ready"]:  # readiness off: no held-out scoring (an evaluation, not training)
         return sets + ["step1.readiness_pairs=0"]
     if knobs["ready"] == "until":  # train step 1 in chunks until separated, within its share of the budget
@@ -319,6 +323,9 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
         start = knobs_of(best, picks[best])
         for knob in [k for k in FLIPS if k in start]:
             submit("ablate", ("ablate", knob), f"ablation {knob}", chain, best, {**start, knob: FLIPS[knob][start[knob]]}, 0)
+        for knob, (value, requires) in EXTRA_ABLATIONS.items():
+            if all(start.get(k) == v for k, v in requires.items()):
+                submit("ablate", ("ablate", knob), f"ablation {knob}", chain, best, {**start, knob: value}, 0)
     collect()
     pool.shutdown()
     return state

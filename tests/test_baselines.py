@@ -216,3 +216,41 @@ def test_cli_defaults_run_dir_per_method():
     assert (config.method, config.run_dir, config.train.max_steps) == ("sft", "runs/sft", 3)
     config = baseline_config(parser.parse_args(["baseline", "dpo", "--run-dir", "elsewhere"]))
     assert (config.method, config.run_dir, config.train.max_steps) == ("dpo", "elsewhere", -1)
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "expected"),
+    [
+        ([5, 6, 7, 2], [8, 2], ([5], [8])),  # the rejected stops first: its end token goes, both keep 1 token
+        ([5, 6, 7, 9], [8, 9, 4, 3], ([5, 6, 7, 9], [8, 9, 4, 3])),  # both cut by the window: unchanged
+        ([5, 6, 7, 9, 1], [8, 9, 4], ([5, 6, 7], [8, 9, 4])),  # no end token inside the shared length
+        ([5, 2], [8, 2], ([5], [8])),  # both stop at once: neither keeps its end token
+        ([2], [8, 9, 2], ([2], [8])),  # an empty reply: one token each, never nothing
+    ],
+)
+def test_shared_length_cuts_both_replies_to_the_shorter_without_its_end(chosen, rejected, expected):
+    from rahf.baselines.dpo import shared_length
+
+    assert shared_length(chosen, rejected, eos_id=2) == expected
+
+
+def test_dpo_shared_length_trains_on_equally_long_unfinished_replies(setup, tmp_path):
+    from rahf.baselines.dpo import build_dpo_trainer
+    from rahf.data.render import encode_reply
+    from rahf.models import load_tokenizer
+    from rahf.runs import prepare_data, read_pairs
+
+    model_dir, data = setup
+    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=256", "shared_length=true", method="dpo")
+    prepare_data(config, tmp_path, rahf_halves=False)
+    pairs = read_pairs(tmp_path / "train.jsonl")
+    tokenizer = load_tokenizer(str(model_dir))
+    trainer = build_dpo_trainer(config, pairs, tokenizer, tmp_path / "dpo")
+    cut = 0
+    for pair, row in zip(pairs, trainer.train_dataset, strict=True):
+        chosen, rejected = (encode_reply(tokenizer, r, max_reply_tokens=256)[0] for r in (pair.chosen, pair.rejected))
+        assert len(row["chosen_ids"]) == len(row["rejected_ids"])
+        assert tokenizer.eos_token_id not in row["chosen_ids"] + row["rejected_ids"] or len(row["chosen_ids"]) == 1
+        assert chosen[: len(row["chosen_ids"])] == row["chosen_ids"] and rejected[: len(row["rejected_ids"])] == row["rejected_ids"]
+        cut += len(row["chosen_ids"]) < max(len(chosen), len(rejected))
+    assert cut > 0  # the tiny data has pairs of unequal length: the option changed something

@@ -109,3 +109,9 @@ def test_aligning_the_preferred_model_reads_the_reference_patterns(sides, tiny_a
 def test_dual_options_are_refused_for_scit(option):
     with pytest.raises(ConfigError, match="Dual options"):
         load_config(None, ["method=scit", option])
+
+
+def test_shared_length_needs_the_preference_objective():
+    with pytest.raises(ConfigError, match="step1.shared_length cuts the pairs of step1.objective=preference"):
+        load_config(None, ["method=dual", "step1.shared_length=true"])
+    assert load_config(None, ["method=dual", "step1.objective=preference", "step1.shared_length=true"]).step1.shared_length

@@ -100,6 +100,10 @@ class Step1Config:
         metadata={"help": "Dual: sft (paper: each side imitates its replies) or preference (DPO: chosen over rejected for M+, swapped for M-)"},
     )
     beta: float = field(default=0.1, metadata={"help": "DPO temperature of step1.objective=preference"})
+    shared_length: bool = field(
+        default=False,
+        metadata={"help": "step1.objective=preference: compare chosen and rejected over their shared length, without the end-of-reply token, so step 1 learns what the replies say rather than which is longer or stops first"},
+    )
     readiness_pairs: int = field(
         default=64, metadata={"help": "held-out pairs scored after step 1 to check it separates preferred from dispreferred; 0 skips"}
     )
@@ -330,6 +334,8 @@ class AlignConfig(RunConfig):
         self.patterns.check()
         if self.method == "scit" and (self.step1.objective != "sft" or self.patterns.align_target != "base"):
             raise ConfigError("step1.objective=preference and patterns.align_target=preferred are Dual options; use method=dual")
+        if self.step1.shared_length and self.step1.objective != "preference":
+            raise ConfigError("step1.shared_length cuts the pairs of step1.objective=preference; set that too (method=dual)")
         self.fit.check()
 
     @property
@@ -370,6 +376,10 @@ class BaselineConfig(RunConfig):
     beta: float = field(default=0.1, metadata={"help": "DPO temperature of the implicit reward"})
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "DPO: compute the reference log-probs once before training (when training reads every pair; else per batch)"}
+    )
+    shared_length: bool = field(
+        default=False,
+        metadata={"help": "DPO: compare chosen and rejected over their shared length, without the end-of-reply token (no reward for length or for stopping later)"},
     )
 
     FOREIGN_KEYS: ClassVar[dict[str, str]] = {

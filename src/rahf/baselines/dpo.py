@@ -59,9 +59,9 @@ class GuardedDPOTrainer(FiniteLoss, DPOTrainer):
 
     stage = "dpo"
 
-    def __init__(self, *args, max_prompt_tokens: int, max_reply_tokens: int, **kwargs) -> None:
+    def __init__(self, *args, max_prompt_tokens: int, max_reply_tokens: int, shared_length: bool = False, **kwargs) -> None:
         # Set before DPOTrainer.__init__, which tokenises the datasets through _prepare_dataset.
-        self.windows = (max_prompt_tokens, max_reply_tokens)
+        self.windows, self.shared_length = (max_prompt_tokens, max_reply_tokens), shared_length
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset: Dataset, processing_class, args: DPOConfig, dataset_name: str) -> Dataset:
@@ -72,13 +72,31 @@ class GuardedDPOTrainer(FiniteLoss, DPOTrainer):
             prompt_ids, _ = encode_prompt(
                 processing_class, row["prompt"], max_prompt_tokens=max_prompt, origin=row.get("origin", "")
             )
-            replies = {
-                key: encode_reply(processing_class, row[key][-1]["content"], max_reply_tokens=max_reply)[0]
+            chosen, rejected = (
+                encode_reply(processing_class, row[key][-1]["content"], max_reply_tokens=max_reply)[0]
                 for key in ("chosen", "rejected")
-            }
-            return {"prompt_ids": prompt_ids, "chosen_ids": replies["chosen"], "rejected_ids": replies["rejected"]}
+            )
+            if self.shared_length:
+                chosen, rejected = shared_length(chosen, rejected, processing_class.eos_token_id)
+            return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected}
 
         return dataset.map(tokenize, remove_columns=dataset.column_names, desc=f"Tokenizing {dataset_name} pairs")
+
+
+def shared_length(chosen: list[int], rejected: list[int], eos_id: int | None) -> tuple[list[int], list[int]]:
+    """Both replies cut to the shorter one's length, less its end-of-reply token.
+
+    Why: in a reply window, a pair's replies often differ in where they stop (on the quality
+    bench's AlpacaEval pairs only the rejected reply ends inside 64 tokens in 26 % of them, only
+    the chosen one in 3 %), and DPO learns "do not stop" from that as readily as anything the
+    replies say; cut this way, both replies are unfinished and equally long (LD-DPO with its
+    weight 0 on the longer reply's extra tokens, also without the shorter one's end token).
+    """
+    n = min(len(chosen), len(rejected))
+    if n and eos_id is not None and eos_id in (chosen[n - 1], rejected[n - 1]):
+        n -= 1
+    n = max(n, 1)  # an empty reply (its end token alone): keep one token each
+    return chosen[:n], rejected[:n]
 
 
 def reads_every_pair(train: TrainSettings, pairs: int, world_size: int = 1) -> bool:
@@ -93,7 +111,7 @@ def reads_every_pair(train: TrainSettings, pairs: int, world_size: int = 1) -> b
 def build_dpo_trainer(
     config: RunConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *,
     train: TrainSettings | None = None, lora: LoraSettings | None | bool = True, beta: float | None = None,
-    precompute_ref_log_probs: bool | None = None, model_path: str | None = None,
+    precompute_ref_log_probs: bool | None = None, model_path: str | None = None, shared_length: bool | None = None,
 ) -> DPOTrainer:
     """The trainer, ready to ``train()`` (reference log-probs already computed if precomputed).
 
@@ -101,8 +119,9 @@ def build_dpo_trainer(
     every weight; None: full fine-tuning); Dual step 1 with ``step1.objective: preference`` passes
     its own. ``model_path``: the model already resolved (default: ``config.model``).
     """
-    if lora is True or train is None or beta is None or precompute_ref_log_probs is None:
+    if lora is True or train is None or beta is None or precompute_ref_log_probs is None or shared_length is None:
         settings = config  # a BaselineConfig: its own settings fill what the caller left out
+        shared_length = settings.shared_length if shared_length is None else shared_length
         lora = (None if settings.full_finetune else settings.lora) if lora is True else lora
         train = train or settings.train
         beta = settings.beta if beta is None else beta
@@ -129,6 +148,7 @@ def build_dpo_trainer(
         peft_config=None if lora is None else lora_config(lora),
         max_prompt_tokens=config.max_prompt_tokens,
         max_reply_tokens=config.reply_window,
+        shared_length=shared_length,
     )
 
 

@@ -41,6 +41,7 @@ def train_side_preference(plan: RunPlan, pairs: Sequence[PreferencePair], side: 
     trainer = build_dpo_trainer(
         config, data, plan.tokenizer, out, train=step1.train, lora=None if step1.full_finetune else step1.lora,
         beta=step1.beta, precompute_ref_log_probs=STEP1_PRECOMPUTE_REF, model_path=plan.model_path,
+        shared_length=step1.shared_length,
     )
     trainer.stage = f"step1 ({side}, preference)"
     return train_stage(trainer, out, merged=merged or step1.full_finetune, tokenizer=plan.tokenizer)
