@@ -32,7 +32,7 @@ from typing import Any
 import benchlib as bl
 import yaml
 from benchlib import ROOT, SOURCES, SPLIT_SEED, TRAINED, Runner, cached, digest, log
-from quality_report import report
+from quality_report import report, stop_groups
 
 OUT = ROOT / "bench" / "out" / "quality-v2"
 RM_SETTINGS = ["--lora", "--lora-layers", "4", "--max-length", "192", "--max-reply-tokens", "128",
@@ -387,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only and not any(state["tune"].values()):
         print("bench/quality.py: no trained v2 result yet; BENCHMARKS.md keeps v1's section")
         return 0
+    from rahf.models import load_tokenizer
+
+    val = {s: [json.loads(x) for x in (ctx["data"] / f"val_{s}.jsonl").read_text().splitlines() if x.strip()] for s in SOURCES}
+    ctx["stop_groups"] = stop_groups(val, load_tokenizer("smollm2"), budget.windows[1])
     text = report(args, ctx, state, line.strip(), {m: {n: why for n, (_, why) in v.items()} for m, v in SETTINGS.items()})
     print(text)
     if not (args.smoke or args.no_write):

@@ -71,16 +71,56 @@ def reading(summ: dict[str, dict], best: str | None, picks: dict) -> list[str]:
     return notes
 
 
+STOPS = ("both cut", "only rejected ends", "only chosen ends", "both end")
+
+
+def stop_groups(pairs: dict[str, list[dict]], tokenizer: Any, window: int) -> dict[str, dict[str, list[bool]]]:
+    """Per source and :data:`STOPS` group, which validation pairs belong to it: whether each
+    reply's end-of-reply token fits in the scored reply window. Why: where only one reply ends
+    in the window, the margin also measures whether a model "stops here", a length signal; where
+    both are cut, it measures what the replies say."""
+    from rahf.data.render import encode_reply
+
+    def ends(reply: Any) -> bool:
+        text = reply if isinstance(reply, str) else reply[-1]["content"]
+        return not encode_reply(tokenizer, text, max_reply_tokens=window)[1]
+
+    groups = {}
+    for source, rows in pairs.items():
+        flags = [(ends(r["chosen"]), ends(r["rejected"])) for r in rows]
+        groups[source] = {name: [f == want for f in flags]
+                          for name, want in zip(STOPS, [(False, False), (False, True), (True, False), (True, True)], strict=True)}
+    return groups
+
+
+def stop_table(rows: list[tuple[str, list[dict]]], base: dict, groups: dict[str, dict[str, list[bool]]]) -> list[str]:
+    """Mean margin change from the base per stop group (runs averaged), one line per labelled list of evaluations."""
+    import numpy as np
+
+    head = " | ".join(f"{s}: {name} ({sum(groups[s][name])})" for s in SOURCES for name in STOPS)
+    lines = [f"| run | {head} |", "|---" * (1 + len(SOURCES) * len(STOPS)) + "|"]
+    for label, evals in rows:
+        cells = []
+        for s in SOURCES:
+            delta = np.mean([np.asarray(e["sources"][s]["pair_margins"]) - np.asarray(base["sources"][s]["pair_margins"]) for e in evals], axis=0)
+            cells += [f"{delta[np.asarray(groups[s][name])].mean():+.3f}" if any(groups[s][name]) else "–" for name in STOPS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, whys: dict[str, dict[str, str]]) -> str:
     """The BENCHMARKS.md section (and docs/img/quality.png unless --smoke / --no-write)."""
     base, budget, picks = ctx["base"], ctx["budget"], state["picks"]
     names = " | ".join(f"pref. acc. {s} | margin − base {s} (nats) | RM win (LC) {s} · behaviour vs base" for s in SOURCES)
     lines = [f"| method | runs | {names} | training CPU-s / wall / FLOPs |", "|---" * 9 + "|"]
     summ, plot, jobs = {}, {}, [ctx["base"]]
+    stop_rows = []  # (label, evaluations) for the stop-group table
     for method in [m for m in args.methods if m in TRAINED]:
         runs = [r for r in [state["tune"].get((method, picks.get(method)))] + [state["seeds"].get((method, s)) for s in args.seeds if s] if r]
         line, summ[method] = row(f"{LABELS[method]} ({picks.get(method) or 'pending'})", runs, base, budget)
         lines.append(line)
+        if runs:
+            stop_rows.append((f"{LABELS[method]} ({picks[method]}), {len(runs)} run{'s' * (len(runs) > 1)}", [r["eval"] for r in runs]))
     for key, result in state["free"].items():
         line, summ[f"{key[0]} {key[1]}"] = row(f"{LABELS[key[0]]} {key[1]}", [result] if result else [], base, budget)
         lines.append(line)
@@ -107,6 +147,7 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
         if not r:
             ablations.append(f"| {label} | pending | pending | | |")
             continue
+        stop_rows.append((f"ablation {label}", [r["eval"]]))
         v, g = bl.versus_base(r["eval"], base), bl.guards(r["eval"], base)
         tokens = bl.summary([r["eval"]], base)
         ablations.append(f"| {label} | " + " | ".join(
@@ -126,6 +167,7 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
                f" validation pair has; held-out accuracy {rm['validation_accuracy']['value']:.1%} (\"longer reply wins\""
                f" {rm['longer_wins_accuracy']['value']:.1%}): it mostly rewards length, so read LC and tokens." if rm else "")
     failed = "".join(f"\n- failed (a rerun retries it): {f}" for f in state["failed"])
+    stops = stop_table(stop_rows, base, ctx["stop_groups"]) if ctx.get("stop_groups") else []
     return f"""
 ## Quality v2: matched compute, tuned on the validation split, free baselines (#13)
 
@@ -167,6 +209,14 @@ those that exceed the guards least (points past each bound, summed over guards a
 Ablations of the best RAHF variant ({LABELS.get(state['best'] or '', 'pending')}), seed 0, one knob changed from its pick:
 
 {chr(10).join(ablations)}
+
+Where the margin moves: the mean margin change from the base over the validation pairs grouped
+by whether each reply's end-of-reply token fits in the {budget.windows[1]}-token reply window (pairs per group
+in brackets). Where only one reply ends, a model that stops later gains (or loses) margin whatever
+the replies say; "both cut" pairs carry no stop signal, so their column is the margin with length
+taken out.
+
+{chr(10).join(stops) or '(needs the validation files)'}
 
 Reading against #13's targets:
 

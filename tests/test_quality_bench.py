@@ -141,3 +141,32 @@ def test_shared_length_ablation_sets_the_step1_option_and_keeps_other_digests():
     assert "step1.shared_length=true" in quality.overrides("dual", {**knobs, "shared": True}, *args)
     assert not any("shared_length" in s for s in quality.overrides("dual", knobs, *args))
     assert "shared" not in quality.DEFAULTS["dual"]  # a new knob in DEFAULTS would change every cached setting's digest
+
+
+class _WordTokenizer:
+    """One token per word, end-of-reply token 0: reply lengths a test can count."""
+
+    chat_template = "{{ messages }}"
+    eos_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [1] * len(text.split())}
+
+
+def test_stop_groups_and_the_margin_change_per_group():
+    import quality_report
+
+    # window 3: a reply of <= 2 words ends inside it (its end token fits), 3+ words are cut
+    rows = [{"chosen": "a b c d", "rejected": "a b c"},  # both cut
+            {"chosen": "a b c", "rejected": [{"role": "assistant", "content": "a"}]},  # only rejected ends
+            {"chosen": "a b", "rejected": "a b c"},  # only chosen ends
+            {"chosen": "a", "rejected": "a b"}]  # both end
+    groups = quality_report.stop_groups(dict.fromkeys(benchlib.SOURCES, rows), _WordTokenizer(), window=3)
+    assert groups["alpacaeval"] == {"both cut": [True, False, False, False], "only rejected ends": [False, True, False, False],
+                                    "only chosen ends": [False, False, True, False], "both end": [False, False, False, True]}
+    base = {"sources": dict.fromkeys(benchlib.SOURCES, {"pair_margins": [0.0, 0.0, 0.0, 0.0]})}
+    runs = [{"sources": dict.fromkeys(benchlib.SOURCES, {"pair_margins": m})} for m in ([0.1, 1.0, -1.0, 0.2], [0.3, 0.0, -0.5, 0.2])]
+    lines = quality_report.stop_table([("two runs", runs)], base, groups)
+    assert lines[0].startswith("| run | alpacaeval: both cut (1) | alpacaeval: only rejected ends (1)")
+    # run means per pair: +0.2, +0.5, -0.75, +0.2
+    assert lines[2] == "| two runs | " + " | ".join(["+0.200", "+0.500", "-0.750", "+0.200"] * 2) + " |"
