@@ -298,3 +298,16 @@ def test_saved_align_config_yaml_of_older_runs_loads(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict() | {"seed": "x"}))
     with pytest.raises(ConfigError, match=r"config.yaml: seed must be an integer, got 'x'"):
         load_saved_config(tmp_path / "config.yaml")
+
+
+def test_runs_saved_before_shared_length_resume_with_it_off():
+    from rahf.config import AlignConfig, BaselineConfig
+
+    align = AlignConfig(method="dual")
+    saved = align.to_dict()
+    del saved["step1"]["shared_length"]
+    assert align.upgrade_saved(saved) == align.to_dict()
+    baseline = BaselineConfig(method="dpo")
+    saved = baseline.to_dict()
+    del saved["shared_length"]
+    assert baseline.upgrade_saved(saved) == baseline.to_dict()

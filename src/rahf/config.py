@@ -352,10 +352,13 @@ class AlignConfig(RunConfig):
 
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section;
-        runs written before ``fit.share_prompt`` shared the frozen passes only: they resume as ``frozen``."""
+        runs written before ``fit.share_prompt`` shared the frozen passes only: they resume as ``frozen``;
+        runs written before ``step1.shared_length`` resume with it off, as they ran."""
         upgraded = {k: v for k, v in saved.items() if k != "baseline"}
         if isinstance(upgraded.get("fit"), dict):
             upgraded["fit"] = {"share_prompt": "frozen", **upgraded["fit"]}
+        if isinstance(upgraded.get("step1"), dict):
+            upgraded["step1"] = {"shared_length": False, **upgraded["step1"]}
         return upgraded
 
 
@@ -400,11 +403,12 @@ class BaselineConfig(RunConfig):
 
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Baseline runs written before this class existed saved align's config with a
-        ``baseline`` section; they recorded no method (the command named it), so take ours."""
-        if "baseline" not in saved:
-            return saved
-        shared = {f.name for f in dataclasses.fields(RunConfig)}
-        return {k: v for k, v in saved.items() if k in shared} | saved["baseline"] | {"method": self.method}
+        ``baseline`` section; they recorded no method (the command named it), so take ours. Runs
+        written before ``shared_length`` resume with it off, as they ran."""
+        if "baseline" in saved:
+            common = {f.name for f in dataclasses.fields(RunConfig)}
+            saved = {k: v for k, v in saved.items() if k in common} | saved["baseline"] | {"method": self.method}
+        return {"shared_length": False, **saved}
 
 
 def default_target_layers(num_layers: int) -> list[int]:
