@@ -93,18 +93,24 @@ def test_sft_trains_on_reply_tokens_only_with_aligns_tokens(setup, tmp_path):
         assert row["labels"] == [-100] * len(encoded.prompt_ids) + encoded.reply_ids
 
 
-def test_dpo_uses_aligns_tokens_and_no_reference_copy(setup, tmp_path):
+def _dpo_trainer(setup, tmp_path, *sets: str):
+    """(config, training pairs, tokenizer, DPO trainer) of the tiny model with ``sets``."""
     from rahf.baselines.dpo import build_dpo_trainer
-    from rahf.data.render import encode
     from rahf.models import load_tokenizer
     from rahf.runs import prepare_data, read_pairs
 
     model_dir, data = setup
-    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=4", "train.max_steps=-1", method="dpo")
+    config = tiny_config(model_dir, data, tmp_path / "run", *sets, method="dpo")
     prepare_data(config, tmp_path, rahf_halves=False)
     pairs = read_pairs(tmp_path / "train.jsonl")
     tokenizer = load_tokenizer(str(model_dir))
-    trainer = build_dpo_trainer(config, pairs, tokenizer, tmp_path / "dpo")
+    return config, pairs, tokenizer, build_dpo_trainer(config, pairs, tokenizer, tmp_path / "dpo")
+
+
+def test_dpo_uses_aligns_tokens_and_no_reference_copy(setup, tmp_path):
+    from rahf.data.render import encode
+
+    config, pairs, tokenizer, trainer = _dpo_trainer(setup, tmp_path, "max_reply_tokens=4", "train.max_steps=-1")
     assert trainer.ref_model is None  # LoRA: the reference is the adapter-disabled model
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
     windows = {"max_prompt_tokens": config.max_prompt_tokens, "max_reply_tokens": 4}
@@ -235,17 +241,9 @@ def test_shared_length_cuts_both_replies_to_the_shorter_without_its_end(chosen, 
 
 
 def test_dpo_shared_length_trains_on_equally_long_unfinished_replies(setup, tmp_path):
-    from rahf.baselines.dpo import build_dpo_trainer
     from rahf.data.render import encode_reply
-    from rahf.models import load_tokenizer
-    from rahf.runs import prepare_data, read_pairs
 
-    model_dir, data = setup
-    config = tiny_config(model_dir, data, tmp_path / "run", "max_reply_tokens=256", "shared_length=true", method="dpo")
-    prepare_data(config, tmp_path, rahf_halves=False)
-    pairs = read_pairs(tmp_path / "train.jsonl")
-    tokenizer = load_tokenizer(str(model_dir))
-    trainer = build_dpo_trainer(config, pairs, tokenizer, tmp_path / "dpo")
+    _, pairs, tokenizer, trainer = _dpo_trainer(setup, tmp_path, "max_reply_tokens=256", "shared_length=true")
     cut = 0
     for pair, row in zip(pairs, trainer.train_dataset, strict=True):
         chosen, rejected = (encode_reply(tokenizer, r, max_reply_tokens=256)[0] for r in (pair.chosen, pair.rejected))
