@@ -95,7 +95,11 @@ FLIPS = {"disjoint": {0.5: 0.0, 0.0: 0.5}, "ready": {False: "until", "until": Fa
          "band": {"default": "scan", "scan": "default"}}
 # Ablations beyond the tuned knobs (knob -> value), where the pick has ``requires``: a knob absent
 # from DEFAULTS keeps the digests, and so the cache, of every other setting.
-EXTRA_ABLATIONS = {"shared": (True, {"objective": "preference"})}  # step 1 without the length / end-of-reply signal
+EXTRA_ABLATIONS = [
+    ("shared", True, {"objective": "preference"}),  # step 1 without the length / end-of-reply signal
+    ("stop", 20.0, {}),  # fit.stop_weight: the fit keeps the base model's end-or-continue choice
+    ("stop", 200.0, {}),
+]
 STRENGTHS = (0.5, 1.0, 2.0, 4.0)  # steering: multiples of the scan's suggested strength
 
 
@@ -141,6 +145,7 @@ def overrides(method: str, knobs: dict, budget: Budget, seed: int, data: Path, s
     if method == "dual":
         sets += [f"step1.objective={knobs['objective']}", f"patterns.align_target={knobs['target']}"]
         sets += ["step1.shared_length=true"] if knobs.get("shared") else []
+    sets += [f"fit.stop_weight={knobs['stop']}"] if knobs.get("stop") else []
     if not knobs["ready"]:  # readiness off: no held-out scoring (an evaluation, not training)
         return sets + ["step1.readiness_pairs=0"]
     if knobs["ready"] == "until":  # train step 1 in chunks until separated, within its share of the budget
@@ -323,9 +328,9 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
         start = knobs_of(best, picks[best])
         for knob in [k for k in FLIPS if k in start]:
             submit("ablate", ("ablate", knob), f"ablation {knob}", chain, best, {**start, knob: FLIPS[knob][start[knob]]}, 0)
-        for knob, (value, requires) in EXTRA_ABLATIONS.items():
+        for knob, value, requires in EXTRA_ABLATIONS:
             if all(start.get(k) == v for k, v in requires.items()):
-                submit("ablate", ("ablate", knob), f"ablation {knob}", chain, best, {**start, knob: value}, 0)
+                submit("ablate", ("ablate", knob, value), f"ablation {knob}={value}", chain, best, {**start, knob: value}, 0)
     collect()
     pool.shutdown()
     return state

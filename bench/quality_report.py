@@ -142,7 +142,8 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
                  + " | reply tokens vs base " + " / ".join(SOURCES) + " | guards |", "|---|---|---|---|---|"]
     best = state.get("best")
     rows = [(f"none: the pick ({picks[best]}), seed 0", state["tune"].get((best, picks[best])))] if best and picks.get(best) else []
-    rows += [(f"{knob} → {r['train']['knobs'][knob]}" if r else knob, r) for (_, knob), r in state["ablate"].items()]
+    rows += [(f"{key[1]} → {r['train']['knobs'][key[1]]}" if r else " ".join(map(str, key[1:])), r)
+             for key, r in state["ablate"].items()]  # key: ("ablate", knob[, value])
     for label, r in rows:
         if not r:
             ablations.append(f"| {label} | pending | pending | | |")

@@ -133,14 +133,20 @@ def test_ablation_table_starts_with_the_pick_and_shows_length_and_broken_guards(
     # 60 mean tokens against the base's 50: +20 %, past the ±10 % length guard
     assert table[3].startswith("| disjoint → 0.0 | +0.100 [") and table[3].endswith("| +20% / +20% | broken: length |")
     assert table[4] == "| ready | pending | pending | | |"
+    state["ablate"] = {("ablate", "stop", 10.0): None}  # an extra ablation's key carries its value
+    text = quality_report.report(args, ctx, state, "python bench/quality.py", {"dual": {"demo": "why"}})
+    assert "| stop 10.0 | pending | pending | | |" in text
 
 
-def test_shared_length_ablation_sets_the_step1_option_and_keeps_other_digests():
+def test_extra_ablations_set_their_options_and_keep_other_digests():
     knobs = {**quality.DEFAULTS["dual"], "objective": "preference"}
     args = (quality.Budget(), 0, Path("/data"), Path("/scan.json"), {"step1": 5, "fit": 20})
     assert "step1.shared_length=true" in quality.overrides("dual", {**knobs, "shared": True}, *args)
-    assert not any("shared_length" in s for s in quality.overrides("dual", knobs, *args))
-    assert "shared" not in quality.DEFAULTS["dual"]  # a new knob in DEFAULTS would change every cached setting's digest
+    assert "fit.stop_weight=10.0" in quality.overrides("dual", {**knobs, "stop": 10.0}, *args)
+    plain = quality.overrides("dual", knobs, *args)
+    assert not any("shared_length" in s or "stop_weight" in s for s in plain)
+    for knob, _, _ in quality.EXTRA_ABLATIONS:  # a new knob in DEFAULTS would change every cached setting's digest
+        assert knob not in quality.DEFAULTS["dual"]
 
 
 class _WordTokenizer:

@@ -356,17 +356,18 @@ def test_trained_pass_that_cannot_share_says_so(dual, tmp_path, capsys):
     trainer, _ = _trainer(dual, tmp_path / "n", share=True)
     capsys.readouterr()
 
-    def setup(*, kl_weight: float = 0.0, share_trained_prompt: bool = True) -> str:
+    def setup(*, kl_weight: float = 0.0, stop_weight: float = 0.0, share_trained_prompt: bool = True) -> str:
         trainer.setup_fit(layers=LAYERS, alpha=config.patterns.alpha, source=pattern_source(config),
                           frozen=trainer.frozen, pad_id=0, truncate=True, batch_frozen=True, kl_weight=kl_weight,
-                          share_prompt=True, share_trained_prompt=share_trained_prompt)
+                          stop_weight=stop_weight, stop_ids=[2], share_prompt=True,
+                          share_trained_prompt=share_trained_prompt)
         return capsys.readouterr().out
 
     assert setup() == "" and setup(kl_weight=0.5, share_trained_prompt=False) == ""
-    assert setup(kl_weight=0.5).strip() == (
-        "rahf: fit: the trained pass runs each reply with its own prompt (fit.kl_weight reads every"
-        " position's logits); only the frozen passes share it"
-    )
+    expected = ("rahf: fit: the trained pass runs each reply with its own prompt (fit.kl_weight / fit.stop_weight"
+                " read the LM head at every reply token); only the frozen passes share it")
+    assert setup(kl_weight=0.5).strip() == expected
+    assert setup(stop_weight=0.5).strip() == expected
     _trainer(dual, tmp_path / "c", "gradient_checkpointing=true", share=True)
     out = capsys.readouterr().out
     assert out.count("rahf: fit: the trained pass runs each reply with its own prompt") == 1

@@ -175,6 +175,10 @@ class FitConfig:
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=3e-4, epochs=1.0))
     lora: LoraSettings = field(default_factory=LoraSettings)
     kl_weight: float = field(default=0.0, metadata={"help": "weight of KL(frozen || trained) next-token term"})
+    stop_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of KL(frozen || trained) of the end-or-continue choice at each reply token: the fit may change what the model says, not when it stops (length control)"},
+    )
     targets: Literal["on-the-fly", "cached"] = field(
         default="on-the-fly", metadata={"help": "compute targets per batch, or once and cache on disk"}
     )
@@ -211,8 +215,10 @@ class FitConfig:
                 raise ConfigError(f"fit.{name} must be an integer >= 0, got {value!r}")
         if not math.isfinite(self.plateau_threshold) or self.plateau_threshold < 0:
             raise ConfigError(f"fit.plateau_threshold must be >= 0, got {self.plateau_threshold}")
-        if not math.isfinite(self.kl_weight) or self.kl_weight < 0:
-            raise ConfigError(f"fit.kl_weight must be >= 0, got {self.kl_weight}")
+        for name in ("kl_weight", "stop_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"fit.{name} must be a number >= 0, got {value!r}")
 
 
 @dataclass
@@ -353,10 +359,10 @@ class AlignConfig(RunConfig):
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section;
         runs written before ``fit.share_prompt`` shared the frozen passes only: they resume as ``frozen``;
-        runs written before ``step1.shared_length`` resume with it off, as they ran."""
+        runs written before ``step1.shared_length`` or ``fit.stop_weight`` resume with them off, as they ran."""
         upgraded = {k: v for k, v in saved.items() if k != "baseline"}
         if isinstance(upgraded.get("fit"), dict):
-            upgraded["fit"] = {"share_prompt": "frozen", **upgraded["fit"]}
+            upgraded["fit"] = {"share_prompt": "frozen", "stop_weight": 0.0, **upgraded["fit"]}
         if isinstance(upgraded.get("step1"), dict):
             upgraded["step1"] = {"shared_length": False, **upgraded["step1"]}
         return upgraded

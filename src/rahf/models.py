@@ -183,3 +183,12 @@ def loading_alone() -> Iterator[None]:
 
 def model_config(name_or_path: str):
     return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Every token that ends a reply: the tokenizer's EOS and the model's generation config's
+    (chat models often stop on an end-of-turn token as well)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)

@@ -29,7 +29,7 @@ from rahf.data.schema import Message
 from rahf.evaluate.prompts import PromptItem
 from rahf.hidden_states import pad_ids
 from rahf.io import atomic_write_json
-from rahf.models import cache_dir
+from rahf.models import cache_dir, stop_token_ids
 
 
 @dataclass
@@ -70,13 +70,6 @@ def weights_identity(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
 
 
 def _cache_key(model_id: str, prompt_ids: list[int], settings: dict) -> str:
@@ -132,7 +125,7 @@ def generate(
         results = [cache.get(key) for key in keys]
     todo = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: len(prompt_ids[i]))
 
-    eos = _eos_ids(model, tokenizer)
+    eos = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos or None

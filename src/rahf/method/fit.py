@@ -4,6 +4,12 @@ For target layers L and the real reply tokens t of each example (padding exclude
 
     loss = mean over (l in L, t) of || h_l,t - T_l,t ||_2          (L2 norm over hidden)
            [+ kl_weight * mean over t of KL(p_frozen(. | <t) || p_trained(. | <t))]
+           [+ stop_weight * mean over t of KL(s_frozen(<t) || s_trained(<t))]
+
+where s(<t) is the two-way distribution (end the reply, go on) that the next-token distribution
+implies: the stop term lets the fit change what the model says but not when it stops. Preference
+data often prefers the longer reply (AlpacaEval's chosen reply is the longer one in ~80 % of
+pairs), and a fit that copies the preferred model's states copies its later stopping too.
 
 where h is the trained model's residual stream on the same input as A_o, and
 T = A_o + alpha * (A_+ - A_-) (see ``rahf.method.patterns``). LoRA lives only in blocks that can
@@ -60,14 +66,32 @@ def fitting_loss(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
     return (distance * weights).sum() / weights.sum().clamp(min=1)
 
 
-def reply_kl(frozen_logits: torch.Tensor, trained_logits: torch.Tensor, batch: dict, width: int) -> torch.Tensor:
-    """Mean over reply tokens of KL(frozen || trained) of the next-token distributions."""
-    start = batch["reply_start"] - 1  # logits at p - 1 predict the token at p
-    log_p = torch.log_softmax(gather_reply(frozen_logits, start, width).float(), dim=-1)
-    log_q = torch.log_softmax(gather_reply(trained_logits, start, width).float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    mask = reply_mask(batch["reply_len"], width).float()
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+def next_token_kl(frozen_logits: torch.Tensor, trained_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows (reply tokens) of KL(frozen || trained) of the next-token distributions.
+
+    frozen_logits, trained_logits: (tokens, vocab), the rows :func:`rahf.hidden_states.logits_at` gives.
+    """
+    log_p = torch.log_softmax(frozen_logits.float(), dim=-1)
+    log_q = torch.log_softmax(trained_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def stop_log_probs(logits: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """(tokens, vocab) logits -> (tokens, 2): log-probabilities of ending the reply (any of
+    ``stop_ids`` next) and of going on."""
+    logits = logits.float()
+    is_stop = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    is_stop[list(stop_ids)] = True
+    total = torch.logsumexp(logits, dim=-1)
+    stop = torch.logsumexp(logits.masked_fill(~is_stop, float("-inf")), dim=-1)
+    go = torch.logsumexp(logits.masked_fill(is_stop, float("-inf")), dim=-1)
+    return torch.stack([stop, go], dim=-1) - total[:, None]
+
+
+def stop_kl(frozen_logits: torch.Tensor, trained_logits: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """Mean over rows (reply tokens) of KL(frozen || trained) of the end-or-continue choice."""
+    log_p, log_q = stop_log_probs(frozen_logits, stop_ids), stop_log_probs(trained_logits, stop_ids)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 PAD_MULTIPLE = 16  # FitCollator rounds each role's padded width up to a multiple of this
@@ -315,6 +339,8 @@ class FitTrainer(GuardedTrainer):
         truncate: bool,
         batch_frozen: bool,
         kl_weight: float,
+        stop_weight: float = 0.0,
+        stop_ids: Sequence[int] = (),
         group_by_length: bool = False,
         bf16: bool | None = None,
         share_prompt: bool = True,
@@ -324,16 +350,21 @@ class FitTrainer(GuardedTrainer):
         ``share_prompt``: the frozen passes run a prompt that rows of a batch share once (the
         sampler keeps both replies of a pair in one batch, ``patterns.reply: both``);
         ``share_trained_prompt``: the trained pass too (not under gradient checkpointing, which
-        cannot keep a cache; not with ``kl_weight``, which reads every position's logits: a line
-        says so); ``"auto"``: in the batches where that skips enough token positions
-        (:data:`TRAINED_SHARE_ABOVE`), since it pays on long prompts and costs on short ones."""
+        cannot keep a cache; not with ``kl_weight`` or ``stop_weight``, whose terms run the whole
+        model and its LM head: a line says so); ``"auto"``: in the batches where that skips enough
+        token positions (:data:`TRAINED_SHARE_ABOVE`), since it pays on long prompts and costs on
+        short ones. ``stop_ids``: the tokens that end a reply, for ``stop_weight``."""
+        if stop_weight > 0 and not stop_ids:
+            raise ValueError("fit.stop_weight needs the tokens that end a reply (the tokenizer has no EOS token)")
         self.layers, self.alpha, self.source, self.frozen = list(layers), alpha, source, frozen
         self.pad_id, self.truncate, self.batch_frozen, self.kl_weight = pad_id, truncate, batch_frozen, kl_weight
+        self.stop_weight, self.stop_ids = stop_weight, list(stop_ids)
         self.group_by_length = group_by_length
         self.share_prompt, self.share_trained_prompt = share_prompt, share_trained_prompt
         checkpointing = getattr(getattr(self, "args", None), "gradient_checkpointing", False)
-        if share_prompt and share_trained_prompt and (kl_weight > 0 or checkpointing) and is_main_process():
-            why = "fit.kl_weight reads every position's logits" if kl_weight > 0 else "gradient checkpointing keeps no cache"
+        if share_prompt and share_trained_prompt and (self.reads_logits() or checkpointing) and is_main_process():
+            why = ("fit.kl_weight / fit.stop_weight read the LM head at every reply token" if self.reads_logits()
+                   else "gradient checkpointing keeps no cache")
             console.info(f"rahf: fit: the trained pass runs each reply with its own prompt ({why});"
                          " only the frozen passes share it")
         self.bf16 = bool(getattr(getattr(self, "args", None), "bf16", False)) if bf16 is None else bf16
@@ -341,6 +372,10 @@ class FitTrainer(GuardedTrainer):
             isinstance(c, ReleaseFreedMemory) for c in self.callback_handler.callbacks
         ):
             self.add_callback(ReleaseFreedMemory())  # host memory: the CPU heap (issue #17)
+
+    def reads_logits(self) -> bool:
+        """Whether the loss has next-token terms (which need the whole model and its LM head)."""
+        return getattr(self, "kl_weight", 0.0) > 0 or getattr(self, "stop_weight", 0.0) > 0
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
         """With ``group_by_length``, batches of similar length (our items are FitExamples, which
@@ -396,24 +431,31 @@ class FitTrainer(GuardedTrainer):
         width = int(orig["reply_len"].max())
         target = self.targets(inputs)
         with self.autocast():
-            if self.kl_weight > 0:
-                return self._loss_with_kl(model, orig, target, width)
+            if self.reads_logits():
+                return self._loss_with_logits(model, orig, target, width)
             hidden = reply_hidden_states(model, orig, self.layers, reply_width=width, truncate=self.truncate,
                                          share_prompt=self.shares_trained_prompt(model, orig),
                                          pad_multiple=self.pad_multiple())
         return fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
 
-    def _loss_with_kl(self, model, orig: dict, target: torch.Tensor, width: int) -> torch.Tensor:
-        from rahf.hidden_states import capture_blocks
+    def _loss_with_logits(self, model, orig: dict, target: torch.Tensor, width: int) -> torch.Tensor:
+        """The fitting loss plus the next-token terms: one whole pass of the trained model (its
+        target layers captured on the way) and one of the frozen model the targets start from,
+        each with the LM head on the reply tokens' predicting positions only."""
+        from rahf.hidden_states import capture_blocks, logits_at, predicting_mask
 
-        inputs = {"input_ids": orig["input_ids"], "attention_mask": orig["attention_mask"]}
+        keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
         with capture_blocks(model, self.layers) as captured:
-            trained_logits = model(**inputs, use_cache=False).logits
+            trained_logits = logits_at(model, orig, keep)
         hidden = torch.stack([gather_reply(captured[layer], orig["reply_start"], width) for layer in self.layers])
         with torch.no_grad(), self.frozen.state(self.source.orig.state) as frozen_model:
-            frozen_logits = frozen_model(**inputs, use_cache=False).logits
+            frozen_logits = logits_at(frozen_model, orig, keep)
         loss = fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
-        return loss + self.kl_weight * reply_kl(frozen_logits, trained_logits, orig, width)
+        if self.kl_weight > 0:
+            loss = loss + self.kl_weight * next_token_kl(frozen_logits, trained_logits)
+        if self.stop_weight > 0:
+            loss = loss + self.stop_weight * stop_kl(frozen_logits, trained_logits, self.stop_ids)
+        return loss
 
 
 def load_fit_model(config, base_path: str, step1: dict[str, str], layers: Sequence[int]):
@@ -488,6 +530,7 @@ def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> di
     from rahf.method.convergence import progress_line as convergence_line
     from rahf.method.patterns import fit_examples
     from rahf.method.targets import CacheError
+    from rahf.models import stop_token_ids
     from rahf.runs import read_pairs
     from rahf.trainer import LossLogCallback, train_stage, training_arguments
 
@@ -509,8 +552,9 @@ def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> di
     progress.trainer = trainer
     trainer.setup_fit(
         layers=layers, alpha=config.patterns.alpha, source=plan.method.fit_source(config), frozen=frozen,
-        pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward and config.fit.kl_weight == 0,
+        pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward,
         batch_frozen=config.fit.batch_frozen, kl_weight=config.fit.kl_weight,
+        stop_weight=config.fit.stop_weight, stop_ids=stop_token_ids(model, tokenizer),
         group_by_length=config.fit.group_by_length,
         share_prompt=config.fit.share_prompt != "off",
         share_trained_prompt={"all": True, "auto": "auto"}.get(config.fit.share_prompt, False),

@@ -1,0 +1,132 @@
+"""fit.stop_weight: the fit keeps the frozen model's end-or-continue choice (length control)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rahf.config import ConfigError, load_config
+from rahf.data.schema import PreferencePair
+from rahf.hidden_states import logits_at, predicting_mask
+from rahf.method.fit import (
+    FitCollator,
+    FitTrainer,
+    load_fit_model,
+    next_token_kl,
+    stop_kl,
+    stop_log_probs,
+)
+from rahf.method.patterns import FROZEN, fit_examples, pattern_source
+from rahf.models import stop_token_ids
+from rahf.testing import save_tiny, tiny_tokenizer
+
+PAIRS = [
+    PreferencePair(({"role": "user", "content": "How do I boil an egg?"},), "Boil it for nine minutes.", "No idea.", "t:1"),
+    PreferencePair(({"role": "user", "content": "Say hi."},), "Hi there, nice to meet you!", "Go away.", "t:2"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("model") / "tiny", layers=4))
+
+
+def test_stop_log_probs_sum_the_stop_tokens():
+    # Probabilities 1/8, 3/8, 1/8, 3/8 over four tokens; tokens 1 and 2 end the reply: 1/2 stop.
+    logits = torch.log(torch.tensor([[1.0, 3.0, 1.0, 3.0], [1.0, 1.0, 6.0, 2.0]]))
+    got = stop_log_probs(logits, [1, 2]).exp()
+    assert torch.allclose(got, torch.tensor([[0.5, 0.5], [0.7, 0.3]]), atol=1e-6)
+
+
+def test_stop_kl_is_the_two_way_kl_and_ignores_what_is_said():
+    frozen = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))  # token 0 ends the reply: p = 0.2
+    trained = torch.log(torch.tensor([[0.4, 0.1, 0.5]]))  # q = 0.4
+    expected = 0.2 * math.log(0.2 / 0.4) + 0.8 * math.log(0.8 / 0.6)
+    assert stop_kl(frozen, trained, [0]).item() == pytest.approx(expected, rel=1e-5)
+    # The same stop probability with the rest moved: the next-token KL sees it, the stop term does not.
+    moved = torch.log(torch.tensor([[0.2, 0.7, 0.1]]))
+    assert next_token_kl(frozen, moved).item() > 0.1
+    assert stop_kl(frozen, moved, [0]).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_next_token_kl_is_the_mean_over_reply_tokens():
+    frozen = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    trained = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    first = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert next_token_kl(frozen, trained).item() == pytest.approx(first / 2, rel=1e-5)
+
+
+def _trainer(tiny, stop_weight: float, kl_weight: float = 0.0):
+    config = load_config(None, [f"model={tiny}", "method=scit", "patterns.target_layers=[1,3]"])
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model, frozen = load_fit_model(config, tiny, {}, [1, 3])
+    trainer = FitTrainer.__new__(FitTrainer)  # the loss alone, no training loop
+    trainer.setup_fit(layers=[1, 3], alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
+                      pad_id=tok.pad_token_id, truncate=True, batch_frozen=True, kl_weight=kl_weight,
+                      stop_weight=stop_weight, stop_ids=stop_token_ids(model, tok))
+    batch = FitCollator(tok.pad_token_id)(fit_examples(PAIRS, tok, config))
+    return trainer, model, frozen, batch
+
+
+def _stop_drift(model, frozen, batch, stop_ids) -> float:
+    """The stop term's value, computed apart from the trainer: trained vs adapter-off logits."""
+    orig = batch["orig"]
+    keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
+    with torch.no_grad():
+        trained = logits_at(model, orig, keep)
+        with frozen.state(FROZEN) as base:
+            before = logits_at(base, orig, keep)
+    return stop_kl(before, trained, stop_ids).item()
+
+
+@pytest.mark.parametrize("term", ["stop", "kl"])
+def test_next_token_terms_add_their_weight_times_their_kl(tiny, term):
+    trainer, model, frozen, batch = _trainer(tiny, 3.0 if term == "stop" else 0.0, 3.0 if term == "kl" else 0.0)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # an adapter that moves the model
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    model.eval()
+    orig = batch["orig"]
+    keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
+    with torch.no_grad():  # both distributions computed apart from the trainer
+        trained = logits_at(model, orig, keep)
+        with frozen.state(FROZEN) as base:
+            before = logits_at(base, orig, keep)
+    drift = stop_kl(before, trained, trainer.stop_ids) if term == "stop" else next_token_kl(before, trained)
+    assert drift.item() > 1e-6
+    weighted = trainer.stage_loss(model, batch).item()
+    trainer.stop_weight = trainer.kl_weight = 0.0
+    assert weighted - trainer.stage_loss(model, batch).item() == pytest.approx(3.0 * drift.item(), rel=1e-4)
+
+
+def test_training_with_the_stop_term_keeps_the_stop_probability_closer(tiny):
+    # The random tiny model's next-token distribution is near uniform: a sharper head (shared by
+    # the trained and the frozen passes) lets its stop probability move, here on its EOS token.
+    drifts = {}
+    for weight in (0.0, 50.0):
+        trainer, model, frozen, batch = _trainer(tiny, weight)
+        model.get_output_embeddings().weight.data *= 40
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=1e-2)
+        model.train()
+        for _ in range(15):
+            optimizer.zero_grad()
+            trainer.stage_loss(model, batch).backward()
+            optimizer.step()
+        model.eval()
+        drifts[weight] = _stop_drift(model, frozen, batch, trainer.stop_ids)
+    assert drifts[0.0] > 1e-4  # the fit alone moves when the model stops
+    assert drifts[50.0] < 0.2 * drifts[0.0]
+
+
+def test_stop_weight_is_checked(tiny):
+    with pytest.raises(ConfigError, match="fit.stop_weight must be a number >= 0, got -1"):
+        load_config(None, [f"model={tiny}", "fit.stop_weight=-1"])
+    trainer, *_ = _trainer(tiny, 0.0)
+    with pytest.raises(ValueError, match="fit.stop_weight needs the tokens that end a reply"):
+        trainer.setup_fit(layers=[1, 3], alpha=1.0, source=trainer.source, frozen=trainer.frozen, pad_id=0,
+                          truncate=True, batch_frozen=True, kl_weight=0.0, stop_weight=1.0, stop_ids=())
