@@ -130,3 +130,36 @@ def test_stop_weight_is_checked(tiny):
     with pytest.raises(ValueError, match="fit.stop_weight needs the tokens that end a reply"):
         trainer.setup_fit(layers=[1, 3], alpha=1.0, source=trainer.source, frozen=trainer.frozen, pad_id=0,
                           truncate=True, batch_frozen=True, kl_weight=0.0, stop_weight=1.0, stop_ids=())
+
+
+def test_frozen_logits_of_a_step1_adapter_carry_no_dropout(tmp_path, tiny):
+    """Where A_o comes from a step-1 adapter (a pattern source whose ``orig`` side names one),
+    the stop term's frozen pass runs that adapter with its LoRA dropout off, even while the fit
+    trains. (rahf's own sources take A_o from the weights under the fitted adapter.)"""
+    from rahf.method.patterns import PatternSource, Side
+    from rahf.models import load_model
+    from rahf.trainer import add_lora
+
+    config = load_config(None, [f"model={tiny}", "method=dual", "patterns.target_layers=[1,3]", "fit.lora.dropout=0",
+                                "step1.lora.dropout=0.5"])
+    step1 = {}
+    for seed, side in enumerate(("preferred", "dispreferred")):
+        torch.manual_seed(seed)
+        side_model = add_lora(load_model(tiny, device="cpu"), config.step1.lora)
+        for name, p in side_model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+        side_model.save_pretrained(tmp_path / side / "adapter")
+        step1[side] = str(tmp_path / side)
+    model, frozen = load_fit_model(config, tiny, step1, [1, 3])
+    assert model.peft_config["preferred"].lora_dropout == 0.5
+    tok = tiny_tokenizer()
+    trainer = FitTrainer.__new__(FitTrainer)
+    source = PatternSource("dual", Side("preferred", None), Side("preferred", None), Side("dispreferred", None))
+    trainer.setup_fit(layers=[1, 3], alpha=1.0, source=source, frozen=frozen, pad_id=tok.pad_token_id,
+                      truncate=True, batch_frozen=True, kl_weight=0.0, stop_weight=10.0, stop_ids=stop_token_ids(model, tok))
+    batch = FitCollator(tok.pad_token_id)(fit_examples(PAIRS, tok, config))
+    model.train()
+    losses = [trainer.stage_loss(model, batch).item() for _ in range(3)]
+    assert losses[0] == losses[1] == losses[2]
+    assert model.training  # the frozen pass gave the training mode back

@@ -46,6 +46,7 @@ from rahf.method.patterns import (
     PatternSource,
     build_targets,
     collate_roles,
+    evaluating,
     frozen_patterns,
 )
 from rahf.method.targets import CacheDType, TargetCache
@@ -448,7 +449,7 @@ class FitTrainer(GuardedTrainer):
         with capture_blocks(model, self.layers) as captured:
             trained_logits = logits_at(model, orig, keep)
         hidden = torch.stack([gather_reply(captured[layer], orig["reply_start"], width) for layer in self.layers])
-        with torch.no_grad(), self.frozen.state(self.source.orig.state) as frozen_model:
+        with torch.no_grad(), evaluating(self.frozen.model), self.frozen.state(self.source.orig.state) as frozen_model:
             frozen_logits = logits_at(frozen_model, orig, keep)
         loss = fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
         if self.kl_weight > 0:

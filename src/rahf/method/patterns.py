@@ -223,10 +223,7 @@ def frozen_patterns(
     if not batch_frozen:
         groups = {f"{source[r].state}\0{r}": [r] for r in ROLES}
     out: dict[str, torch.Tensor] = {}
-    model = frozen.model
-    was_training = model.training
-    model.eval()  # no dropout in frozen passes
-    try:
+    with evaluating(frozen.model):
         for key, roles in groups.items():
             batch = concat_batches([batches[r] for r in roles], pad_id) if len(roles) > 1 else batches[roles[0]]
             with frozen.state(key.split("\0")[0]) as m:
@@ -234,9 +231,19 @@ def frozen_patterns(
                                              share_prompt=share_prompt, pad_multiple=pad_multiple)
             for role, part in zip(roles, hidden.chunk(len(roles), dim=1), strict=True):
                 out[role] = part
+    return out
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for a frozen pass through the model being trained: a step-1 adapter's LoRA
+    dropout would otherwise add noise to the targets (the mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return out
 
 
 def build_targets(patterns: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
