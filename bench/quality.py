@@ -323,7 +323,7 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
     collect()
     margin = {m: sum(bl.versus_base(state["tune"][(m, picks[m])]["eval"], base)[s]["margin"]["value"] for s in SOURCES)
               for m in ("scit", "dual") if picks.get(m)}
-    best = state["best"] = max(margin, key=margin.get, default=None)
+    best = state["best"] = best_variant(margin)
     if best and not args.smoke:
         start = knobs_of(best, picks[best])
         for knob in [k for k in FLIPS if k in start]:
@@ -334,6 +334,12 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
     collect()
     pool.shutdown()
     return state
+
+
+def best_variant(margin: dict[str, float]) -> str | None:
+    """The RAHF variant whose pick moved the margin most, once both variants have a pick; None
+    before (a queue run with ``--methods scit`` alone must not ablate SCIT because Dual is absent)."""
+    return max(margin, key=margin.get) if set(margin) == {"scit", "dual"} else None
 
 
 def budget_for(args: argparse.Namespace) -> Budget:

@@ -176,3 +176,10 @@ def test_stop_groups_and_the_margin_change_per_group():
     assert lines[0].startswith("| run | alpacaeval: both cut (1) | alpacaeval: only rejected ends (1)")
     # run means per pair: +0.2, +0.5, -0.75, +0.2
     assert lines[2] == "| two runs | " + " | ".join(["+0.200", "+0.500", "-0.750", "+0.200"] * 2) + " |"
+
+
+def test_ablations_wait_for_both_rahf_variants():
+    assert quality.best_variant({"scit": 0.1, "dual": 0.3}) == "dual"
+    assert quality.best_variant({"scit": 0.4, "dual": 0.3}) == "scit"
+    assert quality.best_variant({"scit": 0.1}) is None  # a queue run with --methods scit alone
+    assert quality.best_variant({}) is None
