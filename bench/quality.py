@@ -100,6 +100,8 @@ EXTRA_ABLATIONS = [
     ("stop", 20.0, {}),  # fit.stop_weight: the fit keeps the base model's end-or-continue choice
     ("stop", 200.0, {}),
 ]
+# Extra ablations also run on seeds 1 and 2, each a main-table row of its own: (knob, value).
+CONFIRM: list[tuple[str, Any]] = []
 STRENGTHS = (0.5, 1.0, 2.0, 4.0)  # steering: multiples of the scan's suggested strength
 
 
@@ -264,7 +266,7 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
     """Seed-0 tuning and the free baselines, then the other seeds at each pick and the ablations
     of the best RAHF variant; computes what is missing (``--report-only``: nothing)."""
     budget, data, base, pool = ctx["budget"], ctx["data"], ctx["base"], ThreadPoolExecutor(max_workers=args.jobs)
-    state: dict[str, Any] = {"tune": {}, "seeds": {}, "ablate": {}, "free": {}, "failed": []}
+    state: dict[str, Any] = {"tune": {}, "seeds": {}, "ablate": {}, "confirm": {}, "free": {}, "failed": [], "variants": CONFIRM}
     methods = [m for m in args.methods if m in TRAINED]
 
     def guarded(label: str, fn: Any, *a: Any) -> Any:
@@ -331,6 +333,9 @@ def run_queue(args: argparse.Namespace, ctx: dict, run: Runner) -> dict:
         for knob, value, requires in EXTRA_ABLATIONS:
             if all(start.get(k) == v for k, v in requires.items()):
                 submit("ablate", ("ablate", knob, value), f"ablation {knob}={value}", chain, best, {**start, knob: value}, 0)
+        for knob, value in CONFIRM:
+            for s in [s for s in args.seeds if s != 0]:
+                submit("confirm", (knob, value, s), f"{best} {knob}={value} seed {s}", chain, best, {**start, knob: value}, s)
     collect()
     pool.shutdown()
     return state

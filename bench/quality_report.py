@@ -46,15 +46,23 @@ def flops(trained: dict, budget: Any, n_params: float = 134.5e6) -> float:
                for section, steps in trained["steps"].items())
 
 
-def reading(summ: dict[str, dict], best: str | None, picks: dict) -> list[str]:
-    """Per source, the best RAHF variant against #13's targets (3 seeds wanted)."""
-    rahf, dpo = summ.get(best), summ.get("dpo")
+def reading(summ: dict[str, dict], candidates: list[tuple[str, str]]) -> list[str]:
+    """Per source, each RAHF candidate (``(summary key, label)``: the best variant's pick, and
+    any variant confirmed on every seed) against #13's targets (3 seeds wanted)."""
+    notes = []
+    for key, label in candidates:
+        notes += _reading(summ, key, label)
+    return notes or ["- RAHF: pending."]
+
+
+def _reading(summ: dict[str, dict], key: str, label: str) -> list[str]:
+    rahf, dpo = summ.get(key), summ.get("dpo")
     if not rahf:
-        return ["- RAHF: pending."]
+        return [f"- {label}: pending."]
     notes = []
     for s, m in rahf.items():
         n = len(m["cis"])
-        text = f"- {s}: {LABELS[best]} ({picks[best]}) margin − base {m['dm'][0]:+.3f}, CI above 0 in {m['up']} of {n} seeds (target ≥ 2 of 3: {'met' if m['up'] >= 2 else 'missed'})"
+        text = f"- {s}: {label} margin − base {m['dm'][0]:+.3f}, CI above 0 in {m['up']} of {n} seeds (target ≥ 2 of 3: {'met' if m['up'] >= 2 else 'missed'})"
         if dpo:
             gap = (m["acc"][0] - dpo[s]["acc"][0]) * 100
             need = 0.0 if s == "hh" else -2.0
@@ -121,6 +129,17 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
         lines.append(line)
         if runs:
             stop_rows.append((f"{LABELS[method]} ({picks[method]}), {len(runs)} run{'s' * (len(runs) > 1)}", [r["eval"] for r in runs]))
+    best = state.get("best")
+    candidates = [(best, f"{LABELS[best]} ({picks[best]})")] if best and picks.get(best) else []
+    for knob, value in state.get("variants", []) if candidates else ():  # ablations confirmed on every seed
+        runs = [r for r in [state["ablate"].get(("ablate", knob, value))]
+                + [state.get("confirm", {}).get((knob, value, s)) for s in args.seeds if s] if r]
+        label = f"{LABELS[best]} ({picks[best]} + {knob} {value:g})"
+        line, summ[label] = row(label, runs, base, budget)
+        lines.append(line)
+        candidates.append((label, label))
+        if runs:
+            stop_rows.append((f"{label}, {len(runs)} run{'s' * (len(runs) > 1)}", [r["eval"] for r in runs]))
     for key, result in state["free"].items():
         line, summ[f"{key[0]} {key[1]}"] = row(f"{LABELS[key[0]]} {key[1]}", [result] if result else [], base, budget)
         lines.append(line)
@@ -140,7 +159,6 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
                      f" | {r['train']['cpu_seconds']:.0f} | {r['train']['steps']} |")
     ablations = ["| one change from the pick | " + " | ".join(f"margin − base {s} (95% CI)" for s in SOURCES)
                  + " | reply tokens vs base " + " / ".join(SOURCES) + " | guards |", "|---|---|---|---|---|"]
-    best = state.get("best")
     rows = [(f"none: the pick ({picks[best]}), seed 0", state["tune"].get((best, picks[best])))] if best and picks.get(best) else []
     rows += [(f"{key[1]} → {r['train']['knobs'][key[1]]}" if r else " ".join(map(str, key[1:])), r)
              for key, r in state["ablate"].items()]  # key: ("ablate", knob[, value])
@@ -155,7 +173,7 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
             f"{v[s]['margin']['value']:+.3f} [{v[s]['margin']['low']:+.3f}, {v[s]['margin']['high']:+.3f}]" for s in SOURCES)
             + " | " + " / ".join(f"{tokens[s]['tokens']:+.0%}" for s in SOURCES)
             + f" | {'ok' if all(g.values()) else 'broken: ' + ', '.join(k for k, ok in g.items() if not ok)} |")
-    done = [r for part in ("tune", "seeds", "ablate") for r in state[part].values() if r]
+    done = [r for part in ("tune", "seeds", "ablate", "confirm") for r in state.get(part, {}).values() if r]
     jobs += [r["train"] for r in done] + [r["eval"] for r in done] + [r for r in state["free"].values() if r]
     per_seed = {s: sum(r["train"]["cpu_seconds"] + r["eval"]["cpu_seconds"] for (m, x), r in state["seeds"].items() if x == s and r)
                 for s in args.seeds if s}
@@ -221,5 +239,5 @@ taken out.
 
 Reading against #13's targets:
 
-{chr(10).join(reading(summ, state['best'], picks))}{failed}
+{chr(10).join(reading(summ, candidates))}{failed}
 """
