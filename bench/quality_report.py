@@ -71,8 +71,8 @@ def _reading(summ: dict[str, dict], key: str, label: str) -> list[str]:
                  f" {'refusal' if SOURCES[s][1] else 'over-refusal'} {m['refusal_rate' if SOURCES[s][1] else 'over_refusal_rate']:.0%}.")
         free = {label: v[s] for label, v in summ.items() if label.startswith(("prompt", "steer")) and v}
         if free:  # what the LoRA fit adds over doing nothing clever (#12, #13)
-            label, f = max(free.items(), key=lambda kv: kv[1]["dm"][0])
-            text += (f" Best free baseline here by margin: {label}, margin − base {f['dm'][0]:+.3f}"
+            name, f = max(free.items(), key=lambda kv: kv[1]["dm"][0])
+            text += (f" Best free baseline here by margin: {name}, margin − base {f['dm'][0]:+.3f}"
                      f" ({'above' if f['dm'][0] > m['dm'][0] else 'not above'} RAHF's {m['dm'][0]:+.3f}),"
                      f" repetition {f['repetition_rate']:.0%}: read it with the table's behaviour.")
         notes.append(text)

@@ -139,11 +139,14 @@ def test_ablation_table_starts_with_the_pick_and_shows_length_and_broken_guards(
     # An ablation confirmed on seeds 1 and 2: a main-table row of 3 runs, read against the targets too.
     args.seeds = [0, 1, 2]
     state |= {"ablate": {("ablate", "stop", 200.0): trained({"stop": 200.0}, [0.3, 0.5])}, "variants": [("stop", 200.0)],
-              "confirm": {("stop", 200.0, 1): trained({"stop": 200.0}, [0.4, 0.6]), ("stop", 200.0, 2): None}}
+              "confirm": {("stop", 200.0, 1): trained({"stop": 200.0}, [0.4, 0.6]), ("stop", 200.0, 2): None},
+              "free": {("steer", "x1"): {**_result([0.1, 0.1], [1.0, 2.0], [10, 12]), "commit": "c" * 40, "cpu_seconds": 90.0}}}
     text = quality_report.report(args, ctx, state, "python bench/quality.py", {"dual": {"demo": "why"}})
     assert "| RAHF-Dual (demo + stop 200) | 2 | " in text  # seed 2 still pending: 2 runs
     assert "- alpacaeval: RAHF-Dual (demo + stop 200) margin − base +0.450, CI above 0 in 2 of 2 seeds" in text
     assert "- alpacaeval: RAHF-Dual (demo) margin − base +0.300" in text
+    assert "- hh: RAHF-Dual (demo + stop 200) margin − base +0.450" in text  # the free baseline's name stays its own
+    assert "Best free baseline here by margin: steer x1, margin − base +0.100" in text
 
 
 def test_extra_ablations_set_their_options_and_keep_other_digests():
