@@ -101,7 +101,7 @@ EXTRA_ABLATIONS = [
     ("stop", 200.0, {}),
 ]
 # Extra ablations also run on seeds 1 and 2, each a main-table row of its own: (knob, value).
-CONFIRM: list[tuple[str, Any]] = [("stop", 20.0)]  # kept the length guard at seed 0 (BENCHMARKS.md)
+CONFIRM: list[tuple[str, Any]] = [("stop", 20.0), ("stop", 200.0)]  # length control, BENCHMARKS.md session 6
 STRENGTHS = (0.5, 1.0, 2.0, 4.0)  # steering: multiples of the scan's suggested strength
 
 
