@@ -163,3 +163,24 @@ def test_frozen_logits_of_a_step1_adapter_carry_no_dropout(tmp_path, tiny):
     losses = [trainer.stage_loss(model, batch).item() for _ in range(3)]
     assert losses[0] == losses[1] == losses[2]
     assert model.training  # the frozen pass gave the training mode back
+
+
+def test_held_out_stop_drift_is_measured_and_stated_on_the_card(tiny):
+    from rahf.method.convergence import check_lines, measure_progress
+
+    trainer, model, frozen, batch = _trainer(tiny, 5.0)
+    trainer.model = model
+    config = load_config(None, [f"model={tiny}", "method=scit", "patterns.target_layers=[1,3]", "fit.stop_weight=5"])
+    examples = fit_examples(PAIRS, tiny_tokenizer(), config)
+    assert measure_progress(trainer, examples)["stop_kl"] == pytest.approx(0.0, abs=1e-9)  # fresh adapter
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    progress = measure_progress(trainer, examples)
+    model.eval()  # as the measurement runs: no LoRA dropout
+    assert progress["stop_kl"] == pytest.approx(_stop_drift(model, frozen, batch, trainer.stop_ids), rel=1e-3)
+    lines = check_lines(config, [], {"convergence": {"examples": len(examples), "source": "validation", **progress}})
+    assert any(line.startswith("Length control (fit.stop_weight=5.0): the end-or-continue choice moved") for line in lines)
+    trainer.stop_weight = 0.0
+    assert "stop_kl" not in measure_progress(trainer, examples)

@@ -44,9 +44,11 @@ def target_progress(
 @torch.no_grad()
 def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
     """``{"shift/L<l>": ..., "residual/L<l>": ...}`` of ``trainer.model`` on ``examples``
-    (FitExamples), with the targets computed from the frozen passes as the fit computes them."""
-    from rahf.hidden_states import reply_hidden_states, reply_mask
-    from rahf.method.fit import FitCollator
+    (FitExamples), with the targets computed from the frozen passes as the fit computes them;
+    with ``fit.stop_weight``, also ``stop_kl``: how far the end-or-continue choice moved from
+    the frozen model's on these held-out replies (the term the fit keeps small)."""
+    from rahf.hidden_states import logits_at, predicting_mask, reply_hidden_states, reply_mask
+    from rahf.method.fit import FitCollator, stop_kl
     from rahf.method.patterns import frozen_patterns
 
     model = trainer.model
@@ -71,10 +73,19 @@ def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
             for layer, s, r in zip(trainer.layers, shift.tolist(), residual.tolist(), strict=True):
                 sums[f"shift/L{layer}"] = sums.get(f"shift/L{layer}", 0.0) + s * len(part)
                 sums[f"residual/L{layer}"] = sums.get(f"residual/L{layer}", 0.0) + r * len(part)
+            if getattr(trainer, "stop_weight", 0.0) > 0:
+                orig = batch["orig"]
+                keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
+                with trainer.autocast():
+                    trained = logits_at(model, orig, keep)
+                    with trainer.frozen.state(trainer.source.orig.state) as frozen_model:
+                        frozen = logits_at(frozen_model, orig, keep)
+                sums["stop_kl"] = sums.get("stop_kl", 0.0) + stop_kl(frozen, trained, trainer.stop_ids).item() * len(part)
             weight += len(part)
     finally:
         model.train(was_training)
-    return {k: round(v / max(weight, 1), 4) for k, v in sums.items()}
+    means = {k: v / max(weight, 1) for k, v in sums.items()}
+    return {k: float(f"{v:.4g}") if k == "stop_kl" else round(v, 4) for k, v in means.items()}  # stop_kl: ~1e-4
 
 
 class ConvergenceLog(TrainerCallback):
@@ -179,6 +190,9 @@ def check_lines(config, readiness: Sequence, fit_result: dict, data_stats: dict 
             f"Step 3 reached, per target layer, this share of its target on {progress['examples']} {progress['source']}"
             f" examples (mean achieved shift, 1.0 = on target; residual ||h - T|| / ||alpha v||): {progress_line(progress)}."
         )
+        if "stop_kl" in progress:
+            lines.append(f"Length control (fit.stop_weight={config.fit.stop_weight}): the end-or-continue choice moved"
+                         f" {progress['stop_kl']:.2e} nats per reply token (KL from the frozen model) on those examples.")
     if fit_result.get("plateau_stop"):
         lines.append(f"Step 3 stopped at step {fit_result['plateau_stop']}: its loss plateaued (fit.plateau_window).")
     return lines

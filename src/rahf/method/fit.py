@@ -583,6 +583,8 @@ def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> di
     if held:
         result["convergence"] = {"examples": len(held), "source": held_source, **measure_progress(trainer, held)}
         if is_main_process():
+            stop = result["convergence"].get("stop_kl")
             print(f"rahf: fit reached, per layer, this share of the target on {len(held)} {held_source} examples"
-                  f" (1.0 = reached): {convergence_line(result['convergence'])}")
+                  f" (1.0 = reached): {convergence_line(result['convergence'])}"
+                  + (f"; the end-or-continue choice moved {stop:.2e} nats per reply token" if stop is not None else ""))
     return result
