@@ -154,8 +154,9 @@ def test_extra_ablations_set_their_options_and_keep_other_digests():
     args = (quality.Budget(), 0, Path("/data"), Path("/scan.json"), {"step1": 5, "fit": 20})
     assert "step1.shared_length=true" in quality.overrides("dual", {**knobs, "shared": True}, *args)
     assert "fit.stop_weight=10.0" in quality.overrides("dual", {**knobs, "stop": 10.0}, *args)
+    assert "fit.kl_weight=10.0" in quality.overrides("dual", {**knobs, "kl": 10.0}, *args)
     plain = quality.overrides("dual", knobs, *args)
-    assert not any("shared_length" in s or "stop_weight" in s for s in plain)
+    assert not any("shared_length" in s or "stop_weight" in s or "kl_weight" in s for s in plain)
     for knob, _, _ in quality.EXTRA_ABLATIONS:  # a new knob in DEFAULTS would change every cached setting's digest
         assert knob not in quality.DEFAULTS["dual"]
 
