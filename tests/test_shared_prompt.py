@@ -31,9 +31,8 @@ from rahf.method.fit import (
 )
 from rahf.method.patterns import fit_examples, frozen_patterns, pattern_source
 from rahf.method.targets import TargetCache
-from rahf.models import load_model
-from rahf.testing import save_tiny, tiny_model, tiny_tokenizer
-from rahf.trainer import add_lora, training_arguments
+from rahf.testing import save_step1_adapters, save_tiny, tiny_model, tiny_tokenizer
+from rahf.trainer import training_arguments
 
 LAYERS = [1, 3]
 WORDS = "boil the egg for nine minutes then cool it in cold water and peel".split()
@@ -155,17 +154,7 @@ PAIRS = [_pair(i, p, r) for i, (p, r) in enumerate([(3, 2), (20, 9), (8, 30), (2
 def dual(tmp_path_factory) -> tuple[str, dict[str, str]]:
     root = tmp_path_factory.mktemp("dual")
     tiny = str(save_tiny(root / "tiny", layers=4))
-    config = _config(tiny)
-    step1 = {}
-    for seed, side in enumerate(("preferred", "dispreferred")):
-        torch.manual_seed(seed)
-        model = add_lora(load_model(tiny, device="cpu"), config.step1.lora)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.normal_(0, 0.2)
-        model.save_pretrained(root / side / "adapter")
-        step1[side] = str(root / side)
-    return tiny, step1
+    return tiny, save_step1_adapters(tiny, root, _config(tiny).step1.lora, std=0.2)
 
 
 def _config(tiny: str, *extra: str):

@@ -137,20 +137,11 @@ def test_frozen_logits_of_a_step1_adapter_carry_no_dropout(tmp_path, tiny):
     the stop term's frozen pass runs that adapter with its LoRA dropout off, even while the fit
     trains. (rahf's own sources take A_o from the weights under the fitted adapter.)"""
     from rahf.method.patterns import PatternSource, Side
-    from rahf.models import load_model
-    from rahf.trainer import add_lora
+    from rahf.testing import save_step1_adapters
 
     config = load_config(None, [f"model={tiny}", "method=dual", "patterns.target_layers=[1,3]", "fit.lora.dropout=0",
                                 "step1.lora.dropout=0.5"])
-    step1 = {}
-    for seed, side in enumerate(("preferred", "dispreferred")):
-        torch.manual_seed(seed)
-        side_model = add_lora(load_model(tiny, device="cpu"), config.step1.lora)
-        for name, p in side_model.named_parameters():
-            if "lora_B" in name:
-                p.data.normal_(0, 0.5)
-        side_model.save_pretrained(tmp_path / side / "adapter")
-        step1[side] = str(tmp_path / side)
+    step1 = save_step1_adapters(tiny, tmp_path, config.step1.lora, std=0.5)
     model, frozen = load_fit_model(config, tiny, step1, [1, 3])
     assert model.peft_config["preferred"].lora_dropout == 0.5
     tok = tiny_tokenizer()

@@ -103,3 +103,23 @@ def write_toy_pairs(path: str | Path, n: int = 24) -> Path:
             }
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+def save_step1_adapters(model_path: str | Path, root: str | Path, lora, *, std: float = 0.2) -> dict[str, str]:
+    """Dual step-1 outputs for tests: ``root/<side>/adapter`` for the preferred and dispreferred
+    sides (seeds 0 and 1), each a LoRA (``lora``: LoraSettings) with random non-zero B weights
+    of standard deviation ``std``, so the sides differ from the base and from each other.
+    Returns side -> step-1 folder, as ``load_fit_model`` takes it."""
+    from rahf.models import load_model
+    from rahf.trainer import add_lora
+
+    folders = {}
+    for seed, side in enumerate(("preferred", "dispreferred")):
+        torch.manual_seed(seed)
+        model = add_lora(load_model(str(model_path), device="cpu"), lora)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, std)
+        model.save_pretrained(Path(root) / side / "adapter")
+        folders[side] = str(Path(root) / side)
+    return folders
