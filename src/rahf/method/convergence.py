@@ -77,9 +77,7 @@ def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
                 orig = batch["orig"]
                 keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
                 with trainer.autocast():
-                    trained = logits_at(model, orig, keep)
-                    with trainer.frozen.state(trainer.source.orig.state) as frozen_model:
-                        frozen = logits_at(frozen_model, orig, keep)
+                    trained, frozen = logits_at(model, orig, keep), trainer.frozen_logits(orig, keep)
                 sums["stop_kl"] = sums.get("stop_kl", 0.0) + stop_kl(frozen, trained, trainer.stop_ids).item() * len(part)
             weight += len(part)
     finally:

@@ -376,7 +376,7 @@ class FitTrainer(GuardedTrainer):
 
     def reads_logits(self) -> bool:
         """Whether the loss has next-token terms (which need the whole model and its LM head)."""
-        return getattr(self, "kl_weight", 0.0) > 0 or getattr(self, "stop_weight", 0.0) > 0
+        return self.kl_weight > 0 or self.stop_weight > 0
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
         """With ``group_by_length``, batches of similar length (our items are FitExamples, which
@@ -439,6 +439,16 @@ class FitTrainer(GuardedTrainer):
                                          pad_multiple=self.pad_multiple())
         return fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
 
+    @torch.no_grad()
+    def frozen_logits(self, orig: dict, keep: torch.Tensor) -> torch.Tensor:
+        """LM-head logits at ``keep`` of the frozen model the targets start from (A_o's state),
+        in eval mode: what the next-token terms, and the held-out check of the stop term, compare
+        the trained model with."""
+        from rahf.hidden_states import logits_at
+
+        with evaluating(self.frozen.model), self.frozen.state(self.source.orig.state) as frozen_model:
+            return logits_at(frozen_model, orig, keep)
+
     def _loss_with_logits(self, model, orig: dict, target: torch.Tensor, width: int) -> torch.Tensor:
         """The fitting loss plus the next-token terms: one whole pass of the trained model (its
         target layers captured on the way) and one of the frozen model the targets start from,
@@ -449,8 +459,7 @@ class FitTrainer(GuardedTrainer):
         with capture_blocks(model, self.layers) as captured:
             trained_logits = logits_at(model, orig, keep)
         hidden = torch.stack([gather_reply(captured[layer], orig["reply_start"], width) for layer in self.layers])
-        with torch.no_grad(), evaluating(self.frozen.model), self.frozen.state(self.source.orig.state) as frozen_model:
-            frozen_logits = logits_at(frozen_model, orig, keep)
+        frozen_logits = self.frozen_logits(orig, keep)
         loss = fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
         if self.kl_weight > 0:
             loss = loss + self.kl_weight * next_token_kl(frozen_logits, trained_logits)
