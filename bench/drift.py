@@ -15,26 +15,25 @@ the base model.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from benchlib import ROOT, SOURCES
 
+from rahf.data import load_preferences
+from rahf.data.schema import PreferencePair
 from rahf.hidden_states import logits_at, pad_batch, predicting_mask
 from rahf.method.fit import next_token_kl, stop_kl
 
 WINDOWS = (128, 64)  # bench/quality.py's Budget.windows
 
 
-def chosen_batches(rows: list[dict], tokenizer, batch_size: int = 8) -> list[dict]:
+def chosen_batches(pairs: list[PreferencePair], tokenizer, batch_size: int = 8) -> list[dict]:
     """Padded batches of (prompt, chosen reply), the reply cut to the quality bench's window."""
     from rahf.data.render import encode
 
-    encoded = []
-    for row in rows:
-        reply = row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][-1]["content"]
-        encoded.append(encode(tokenizer, tuple(row["prompt"]), reply, max_prompt_tokens=WINDOWS[0], max_reply_tokens=WINDOWS[1]))
+    encoded = [encode(tokenizer, pair.prompt, pair.chosen, max_prompt_tokens=WINDOWS[0], max_reply_tokens=WINDOWS[1])
+               for pair in pairs]
     return [pad_batch(encoded[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(encoded), batch_size)]
 
 
@@ -81,10 +80,8 @@ def main() -> int:
     tokenizer = load_tokenizer("smollm2")
     base = load_model("smollm2", device="cpu").eval()
     stop_ids = stop_token_ids(base, tokenizer)
-    batches = {}
-    for source in SOURCES:
-        rows = [json.loads(line) for line in (data / f"val_{source}.jsonl").read_text().splitlines() if line.strip()]
-        batches[source] = chosen_batches(rows[: args.pairs], tokenizer)
+    batches = {s: chosen_batches(load_preferences(str(data / f"val_{s}.jsonl"), limit=args.pairs).pairs, tokenizer)
+               for s in SOURCES}
     print(f"| run | {' | '.join(f'next-token KL {s} | stop KL {s}' for s in SOURCES)} |")
     print("|---" * (1 + 2 * len(SOURCES)) + "|")
     for run in args.runs:

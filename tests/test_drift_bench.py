@@ -12,12 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import drift  # noqa: E402
 
+from rahf.data.schema import PreferencePair  # noqa: E402
 from rahf.method.fit import stop_kl  # noqa: E402
 from rahf.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 ROWS = [
-    {"prompt": [{"role": "user", "content": "Say hi."}], "chosen": "Hi there!", "rejected": "No."},
-    {"prompt": [{"role": "user", "content": "Add 2 and 3."}], "chosen": [{"role": "assistant", "content": "5."}], "rejected": "7."},
+    PreferencePair(({"role": "user", "content": "Say hi."},), "Hi there!", "No."),
+    PreferencePair(({"role": "user", "content": "Add 2 and 3."},), "5.", "7."),
 ]
 
 
