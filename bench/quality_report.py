@@ -116,6 +116,11 @@ def stop_table(rows: list[tuple[str, list[dict]]], base: dict, groups: dict[str,
     return lines
 
 
+def _stop_row(label: str, runs: list[dict]) -> tuple[str, list[dict]]:
+    """A main-table row's line of the stop-group table: its runs' evaluations."""
+    return f"{label}, {len(runs)} run{'s' * (len(runs) > 1)}", [r["eval"] for r in runs]
+
+
 def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, whys: dict[str, dict[str, str]]) -> str:
     """The BENCHMARKS.md section (and docs/img/quality.png unless --smoke / --no-write)."""
     base, budget, picks = ctx["base"], ctx["budget"], state["picks"]
@@ -128,7 +133,7 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
         line, summ[method] = row(f"{LABELS[method]} ({picks.get(method) or 'pending'})", runs, base, budget)
         lines.append(line)
         if runs:
-            stop_rows.append((f"{LABELS[method]} ({picks[method]}), {len(runs)} run{'s' * (len(runs) > 1)}", [r["eval"] for r in runs]))
+            stop_rows.append(_stop_row(f"{LABELS[method]} ({picks[method]})", runs))
     best = state.get("best")
     candidates = [(best, f"{LABELS[best]} ({picks[best]})")] if best and picks.get(best) else []
     for knob, value in state.get("variants", []) if candidates else ():  # ablations confirmed on every seed
@@ -139,7 +144,7 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
         lines.append(line)
         candidates.append((label, label))
         if runs:
-            stop_rows.append((f"{label}, {len(runs)} run{'s' * (len(runs) > 1)}", [r["eval"] for r in runs]))
+            stop_rows.append(_stop_row(label, runs))
     for key, result in state["free"].items():
         line, summ[f"{key[0]} {key[1]}"] = row(f"{LABELS[key[0]]} {key[1]}", [result] if result else [], base, budget)
         lines.append(line)
