@@ -100,9 +100,12 @@ EXTRA_ABLATIONS = [
     ("stop", 20.0, {}),  # fit.stop_weight: the fit keeps the base model's end-or-continue choice
     ("stop", 200.0, {}),
     ("kl", 10.0, {}),  # fit.kl_weight: the whole next-token distribution kept near the base model's
+    ("anchor", 10.0, {}),  # fit.anchor_weight: the same, on the base model's own replies (on-policy)
+    ("anchor", 50.0, {}),
 ]
 # Extra ablations also run on seeds 1 and 2, each a main-table row of its own: (knob, value).
-CONFIRM: list[tuple[str, Any]] = [("stop", 20.0), ("stop", 200.0), ("kl", 10.0)]  # BENCHMARKS.md session 6
+CONFIRM: list[tuple[str, Any]] = [("stop", 20.0), ("stop", 200.0), ("kl", 10.0),  # BENCHMARKS.md session 6
+                                   ("target", "preferred")]  # session 7: the best seed-0 hh ablation within the length guard
 STRENGTHS = (0.5, 1.0, 2.0, 4.0)  # steering: multiples of the scan's suggested strength
 
 
@@ -150,6 +153,7 @@ def overrides(method: str, knobs: dict, budget: Budget, seed: int, data: Path, s
         sets += ["step1.shared_length=true"] if knobs.get("shared") else []
     sets += [f"fit.stop_weight={knobs['stop']}"] if knobs.get("stop") else []
     sets += [f"fit.kl_weight={knobs['kl']}"] if knobs.get("kl") else []
+    sets += [f"fit.anchor_weight={knobs['anchor']}"] if knobs.get("anchor") else []
     if not knobs["ready"]:  # readiness off: no held-out scoring (an evaluation, not training)
         return sets + ["step1.readiness_pairs=0"]
     if knobs["ready"] == "until":  # train step 1 in chunks until separated, within its share of the budget

@@ -137,9 +137,10 @@ def report(args: argparse.Namespace, ctx: dict, state: dict, command_line: str, 
     best = state.get("best")
     candidates = [(best, f"{LABELS[best]} ({picks[best]})")] if best and picks.get(best) else []
     for knob, value in state.get("variants", []) if candidates else ():  # ablations confirmed on every seed
-        runs = [r for r in [state["ablate"].get(("ablate", knob, value))]
-                + [state.get("confirm", {}).get((knob, value, s)) for s in args.seeds if s] if r]
-        label = f"{LABELS[best]} ({picks[best]} + {knob} {value:g})"
+        flip = state["ablate"].get(("ablate", knob))  # a tuned knob's ablation is keyed without its value
+        seed0 = state["ablate"].get(("ablate", knob, value)) or (flip if flip and flip["train"]["knobs"][knob] == value else None)
+        runs = [r for r in [seed0] + [state.get("confirm", {}).get((knob, value, s)) for s in args.seeds if s] if r]
+        label = f"{LABELS[best]} ({picks[best]} + {knob} {value:g})" if isinstance(value, float) else f"{LABELS[best]} ({picks[best]} + {knob} {value})"
         line, summ[label] = row(label, runs, base, budget)
         lines.append(line)
         candidates.append((label, label))

@@ -179,6 +179,10 @@ class FitConfig:
         default=0.0,
         metadata={"help": "weight of KL(frozen || trained) of the end-or-continue choice at each reply token: the fit may change what the model says, not when it stops (length control)"},
     )
+    anchor_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of KL(frozen || trained) next-token term on the frozen model's own greedy replies to the fit's prompts (on-policy: holds length and style where generation goes; generates one reply per prompt)"},
+    )
     targets: Literal["on-the-fly", "cached"] = field(
         default="on-the-fly", metadata={"help": "compute targets per batch, or once and cache on disk"}
     )
@@ -215,7 +219,7 @@ class FitConfig:
                 raise ConfigError(f"fit.{name} must be an integer >= 0, got {value!r}")
         if not math.isfinite(self.plateau_threshold) or self.plateau_threshold < 0:
             raise ConfigError(f"fit.plateau_threshold must be >= 0, got {self.plateau_threshold}")
-        for name in ("kl_weight", "stop_weight"):
+        for name in ("kl_weight", "stop_weight", "anchor_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"fit.{name} must be a number >= 0, got {value!r}")
@@ -359,10 +363,11 @@ class AlignConfig(RunConfig):
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section;
         runs written before ``fit.share_prompt`` shared the frozen passes only: they resume as ``frozen``;
-        runs written before ``step1.shared_length`` or ``fit.stop_weight`` resume with them off, as they ran."""
+        runs written before ``step1.shared_length``, ``fit.stop_weight`` or ``fit.anchor_weight`` resume with
+        them off, as they ran."""
         upgraded = {k: v for k, v in saved.items() if k != "baseline"}
         if isinstance(upgraded.get("fit"), dict):
-            upgraded["fit"] = {"share_prompt": "frozen", "stop_weight": 0.0, **upgraded["fit"]}
+            upgraded["fit"] = {"share_prompt": "frozen", "stop_weight": 0.0, "anchor_weight": 0.0, **upgraded["fit"]}
         if isinstance(upgraded.get("step1"), dict):
             upgraded["step1"] = {"shared_length": False, **upgraded["step1"]}
         return upgraded

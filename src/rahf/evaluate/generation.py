@@ -132,31 +132,41 @@ def generate(
     )
     if do_sample:
         config.temperature, config.top_p, config.top_k = temperature, top_p, 0
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
-        # Left padding: (batch, width), real tokens flush right so new tokens share a column.
-        input_ids, attention_mask = pad_ids([prompt_ids[i] for i in batch], pad, side="left")
-        width = input_ids.shape[1]
         if do_sample:
             torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
-        )
-        for row, i in enumerate(batch):
-            new = out[row, width:].tolist()
-            stop = next((t for t, tok in enumerate(new) if tok in eos), None)
-            kept = new if stop is None else new[:stop]
+        for i, new in zip(batch, continue_batch(model, [prompt_ids[i] for i in batch], config, pad), strict=True):
+            kept, stopped = cut_at_stop(new, eos)
             text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-            results[i] = GenerationResult(text, len(kept), stop is None)
+            results[i] = GenerationResult(text, len(kept), not stopped)
             if cache is not None:
                 cache.put(keys[i], results[i], tokenizer.decode(prompt_ids[i]))
     model.train(was_training)
     return [r for r in results if r is not None]
+
+
+@torch.no_grad()
+def continue_batch(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int
+) -> list[list[int]]:
+    """The new token ids after each prompt, from one ``model.generate`` call. Left padding:
+    real tokens sit flush right, so every row's new tokens start at the same column."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = pad_ids(prompts, pad_id, side="left")
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+    )
+    return out[:, input_ids.shape[1] :].tolist()
+
+
+def cut_at_stop(new: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """``(tokens before the first stop token, whether one came)``: what ``model.generate``
+    returned for one row, without the stop token and the padding after it."""
+    stop = next((t for t, tok in enumerate(new) if tok in stop_ids), None)
+    return (list(new) if stop is None else list(new[:stop])), stop is not None
 
 
 @dataclass

@@ -46,7 +46,9 @@ def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
     """``{"shift/L<l>": ..., "residual/L<l>": ...}`` of ``trainer.model`` on ``examples``
     (FitExamples), with the targets computed from the frozen passes as the fit computes them;
     with ``fit.stop_weight``, also ``stop_kl``: how far the end-or-continue choice moved from
-    the frozen model's on these held-out replies (the term the fit keeps small)."""
+    the frozen model's on these held-out replies (the term the fit keeps small); with
+    ``fit.anchor_weight``, also ``anchor_kl``: the next-token KL on the frozen model's own replies
+    to these examples' prompts (generated once, then kept)."""
     from rahf.hidden_states import logits_at, predicting_mask, reply_hidden_states, reply_mask
     from rahf.method.fit import FitCollator, stop_kl
     from rahf.method.patterns import frozen_patterns
@@ -79,11 +81,15 @@ def measure_progress(trainer, examples: Sequence) -> dict[str, float]:
                 with trainer.autocast():
                     trained, frozen = logits_at(model, orig, keep), trainer.frozen_logits(orig, keep)
                 sums["stop_kl"] = sums.get("stop_kl", 0.0) + stop_kl(frozen, trained, trainer.stop_ids).item() * len(part)
+            if getattr(trainer, "anchor_weight", 0.0) > 0:
+                with trainer.autocast():
+                    anchor = trainer.anchor_kl(model, batch["orig"]).item()
+                sums["anchor_kl"] = sums.get("anchor_kl", 0.0) + anchor * len(part)
             weight += len(part)
     finally:
         model.train(was_training)
     means = {k: v / max(weight, 1) for k, v in sums.items()}
-    return {k: float(f"{v:.4g}") if k == "stop_kl" else round(v, 4) for k, v in means.items()}  # stop_kl: ~1e-4
+    return {k: float(f"{v:.4g}") if k in ("stop_kl", "anchor_kl") else round(v, 4) for k, v in means.items()}  # ~1e-4
 
 
 class ConvergenceLog(TrainerCallback):
@@ -191,6 +197,9 @@ def check_lines(config, readiness: Sequence, fit_result: dict, data_stats: dict 
         if "stop_kl" in progress:
             lines.append(f"Length control (fit.stop_weight={config.fit.stop_weight}): the end-or-continue choice moved"
                          f" {progress['stop_kl']:.2e} nats per reply token (KL from the frozen model) on those examples.")
+        if "anchor_kl" in progress:
+            lines.append(f"On-policy anchor (fit.anchor_weight={config.fit.anchor_weight}): on the frozen model's own replies"
+                         f" to those prompts the next-token distribution moved {progress['anchor_kl']:.2e} nats per token.")
     if fit_result.get("plateau_stop"):
         lines.append(f"Step 3 stopped at step {fit_result['plateau_stop']}: its loss plateaued (fit.plateau_window).")
     return lines

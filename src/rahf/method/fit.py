@@ -5,11 +5,14 @@ For target layers L and the real reply tokens t of each example (padding exclude
     loss = mean over (l in L, t) of || h_l,t - T_l,t ||_2          (L2 norm over hidden)
            [+ kl_weight * mean over t of KL(p_frozen(. | <t) || p_trained(. | <t))]
            [+ stop_weight * mean over t of KL(s_frozen(<t) || s_trained(<t))]
+           [+ anchor_weight * the same next-token KL on the frozen model's own replies]
 
 where s(<t) is the two-way distribution (end the reply, go on) that the next-token distribution
 implies: the stop term lets the fit change what the model says but not when it stops. Preference
 data often prefers the longer reply (AlpacaEval's chosen reply is the longer one in ~80 % of
 pairs), and a fit that copies the preferred model's states copies its later stopping too.
+The anchor term (:mod:`rahf.method.anchor`) reads the next-token KL where the model's own
+generation goes instead of on the pairs' replies.
 
 where h is the trained model's residual stream on the same input as A_o, and
 T = A_o + alpha * (A_+ - A_-) (see ``rahf.method.patterns``). LoRA lives only in blocks that can
@@ -342,6 +345,8 @@ class FitTrainer(GuardedTrainer):
         kl_weight: float,
         stop_weight: float = 0.0,
         stop_ids: Sequence[int] = (),
+        anchor_weight: float = 0.0,
+        anchor_tokens: int = 64,
         group_by_length: bool = False,
         bf16: bool | None = None,
         share_prompt: bool = True,
@@ -354,12 +359,17 @@ class FitTrainer(GuardedTrainer):
         cannot keep a cache; not with ``kl_weight`` or ``stop_weight``, whose terms run the whole
         model and its LM head: a line says so); ``"auto"``: in the batches where that skips enough
         token positions (:data:`TRAINED_SHARE_ABOVE`), since it pays on long prompts and costs on
-        short ones. ``stop_ids``: the tokens that end a reply, for ``stop_weight``."""
+        short ones. ``stop_ids``: the tokens that end a reply, for ``stop_weight`` and the anchor's
+        replies; ``anchor_tokens``: the longest anchor reply (the run's reply window)."""
+        from rahf.method.anchor import AnchorReplies
+
         if stop_weight > 0 and not stop_ids:
             raise ValueError("fit.stop_weight needs the tokens that end a reply (the tokenizer has no EOS token)")
         self.layers, self.alpha, self.source, self.frozen = list(layers), alpha, source, frozen
         self.pad_id, self.truncate, self.batch_frozen, self.kl_weight = pad_id, truncate, batch_frozen, kl_weight
         self.stop_weight, self.stop_ids = stop_weight, list(stop_ids)
+        self.anchor_weight = anchor_weight
+        self.anchors = AnchorReplies(stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=anchor_tokens) if anchor_weight > 0 else None
         self.group_by_length = group_by_length
         self.share_prompt, self.share_trained_prompt = share_prompt, share_trained_prompt
         checkpointing = getattr(getattr(self, "args", None), "gradient_checkpointing", False)
@@ -433,11 +443,27 @@ class FitTrainer(GuardedTrainer):
         target = self.targets(inputs)
         with self.autocast():
             if self.reads_logits():
-                return self._loss_with_logits(model, orig, target, width)
-            hidden = reply_hidden_states(model, orig, self.layers, reply_width=width, truncate=self.truncate,
-                                         share_prompt=self.shares_trained_prompt(model, orig),
-                                         pad_multiple=self.pad_multiple())
-        return fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
+                loss = self._loss_with_logits(model, orig, target, width)
+            else:
+                hidden = reply_hidden_states(model, orig, self.layers, reply_width=width, truncate=self.truncate,
+                                             share_prompt=self.shares_trained_prompt(model, orig),
+                                             pad_multiple=self.pad_multiple())
+                loss = fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
+            if getattr(self, "anchor_weight", 0.0) > 0:
+                loss = loss + self.anchor_weight * self.anchor_kl(model, orig)
+        return loss
+
+    def anchor_kl(self, model, batch: dict) -> torch.Tensor:
+        """Next-token KL(frozen || trained) on the frozen model's own greedy replies to ``batch``'s
+        prompts (:mod:`rahf.method.anchor`), one row per distinct prompt."""
+        from rahf.hidden_states import logits_at, predicting_mask
+        from rahf.method.anchor import batch_prompts
+
+        with evaluating(self.frozen.model), self.frozen.state(self.source.orig.state) as frozen_model:
+            anchored = self.anchors.batch(frozen_model, batch_prompts(batch))
+        anchored = {k: v.to(batch["input_ids"].device) for k, v in anchored.items()}
+        keep = predicting_mask(anchored["reply_start"], anchored["reply_len"], anchored["input_ids"].shape[1])
+        return next_token_kl(self.frozen_logits(anchored, keep), logits_at(model, anchored, keep))
 
     @torch.no_grad()
     def frozen_logits(self, orig: dict, keep: torch.Tensor) -> torch.Tensor:
@@ -565,6 +591,7 @@ def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> di
         pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward,
         batch_frozen=config.fit.batch_frozen, kl_weight=config.fit.kl_weight,
         stop_weight=config.fit.stop_weight, stop_ids=stop_token_ids(model, tokenizer),
+        anchor_weight=config.fit.anchor_weight, anchor_tokens=config.reply_window,
         group_by_length=config.fit.group_by_length,
         share_prompt=config.fit.share_prompt != "off",
         share_trained_prompt={"all": True, "auto": "auto"}.get(config.fit.share_prompt, False),
@@ -592,8 +619,9 @@ def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> di
     if held:
         result["convergence"] = {"examples": len(held), "source": held_source, **measure_progress(trainer, held)}
         if is_main_process():
-            stop = result["convergence"].get("stop_kl")
+            stop, anchor = result["convergence"].get("stop_kl"), result["convergence"].get("anchor_kl")
             print(f"rahf: fit reached, per layer, this share of the target on {len(held)} {held_source} examples"
                   f" (1.0 = reached): {convergence_line(result['convergence'])}"
-                  + (f"; the end-or-continue choice moved {stop:.2e} nats per reply token" if stop is not None else ""))
+                  + (f"; the end-or-continue choice moved {stop:.2e} nats per reply token" if stop is not None else "")
+                  + (f"; on the frozen model's own replies the next token moved {anchor:.2e} nats" if anchor is not None else ""))
     return result
