@@ -9,10 +9,11 @@ import torch
 
 from rahf.config import ConfigError, load_config
 from rahf.data.schema import PreferencePair
-from rahf.hidden_states import logits_at, predicting_mask
+from rahf.hidden_states import capture_blocks, gather_reply, logits_at, predicting_mask, reply_mask
 from rahf.method.fit import (
     FitCollator,
     FitTrainer,
+    fitting_loss,
     load_fit_model,
     next_token_kl,
     stop_kl,
@@ -175,3 +176,46 @@ def test_held_out_stop_drift_is_measured_and_stated_on_the_card(tiny):
     assert any(line.startswith("Length control (fit.stop_weight=5.0): the end-or-continue choice moved") for line in lines)
     trainer.stop_weight = 0.0
     assert "stop_kl" not in measure_progress(trainer, examples)
+
+
+@pytest.mark.parametrize("method", ["scit", "dual"])
+def test_next_token_terms_run_the_frozen_start_model_once(tmp_path, tiny, method):
+    """With the next-token terms on, A_o's model runs once per step, to the LM head, and A_o is
+    captured on the way: the same loss as a truncated pattern pass plus a separate logits pass."""
+    from rahf.method.patterns import build_targets, frozen_patterns
+    from rahf.testing import save_step1_adapters
+
+    config = load_config(None, [f"model={tiny}", f"method={method}", "patterns.target_layers=[1,3]", "fit.lora.dropout=0",
+                                "patterns.reply=both"])
+    step1 = save_step1_adapters(tiny, tmp_path, config.step1.lora, std=0.5) if method == "dual" else {}
+    model, frozen = load_fit_model(config, tiny, step1, [1, 3])
+    tok = tiny_tokenizer()
+    trainer = FitTrainer.__new__(FitTrainer)
+    source = pattern_source(config)
+    trainer.setup_fit(layers=[1, 3], alpha=2.0, source=source, frozen=frozen, pad_id=tok.pad_token_id, truncate=True,
+                      batch_frozen=True, kl_weight=2.0, stop_weight=5.0, stop_ids=stop_token_ids(model, tok))
+    batch = FitCollator(tok.pad_token_id)(fit_examples(PAIRS, tok, config))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # the fitted adapter moves the model
+        if "lora_B" in name and "default" in name:
+            p.data.normal_(0, 0.5)
+    model.eval()
+    entered = []
+    state = frozen.state
+    with torch.no_grad():
+        frozen.state = lambda name: entered.append(name) or state(name)
+        loss = trainer.stage_loss(model, batch).item()
+        frozen.state = state
+    assert entered.count(source.orig.state) == (1 if method == "dual" else 2)  # SCIT: its other roles share that state
+    orig = batch["orig"]  # the same loss computed the long way, as before the change
+    keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
+    with torch.no_grad():
+        target = build_targets(frozen_patterns(frozen, source, batch, [1, 3], pad_id=tok.pad_token_id), 2.0)
+        before = trainer.frozen_logits(orig, keep)
+        with capture_blocks(model, [1, 3]) as captured:
+            trained = logits_at(model, orig, keep)
+        width = int(orig["reply_len"].max())
+        hidden = torch.stack([gather_reply(captured[layer], orig["reply_start"], width) for layer in [1, 3]])
+        expected = (fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
+                    + 2.0 * next_token_kl(before, trained) + 5.0 * stop_kl(before, trained, trainer.stop_ids))
+    assert loss == pytest.approx(expected.item(), rel=1e-5)

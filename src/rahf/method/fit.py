@@ -440,16 +440,18 @@ class FitTrainer(GuardedTrainer):
     def stage_loss(self, model, inputs: dict) -> torch.Tensor:
         orig = inputs["orig"]
         width = int(orig["reply_len"].max())
-        target = self.targets(inputs)
-        with self.autocast():
-            if self.reads_logits():
-                loss = self._loss_with_logits(model, orig, target, width)
-            else:
+        if self.reads_logits():
+            with self.autocast():
+                loss = self._loss_with_logits(model, inputs, width)
+        else:
+            target = self.targets(inputs)
+            with self.autocast():
                 hidden = reply_hidden_states(model, orig, self.layers, reply_width=width, truncate=self.truncate,
                                              share_prompt=self.shares_trained_prompt(model, orig),
                                              pad_multiple=self.pad_multiple())
                 loss = fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
-            if getattr(self, "anchor_weight", 0.0) > 0:
+        if getattr(self, "anchor_weight", 0.0) > 0:
+            with self.autocast():
                 loss = loss + self.anchor_weight * self.anchor_kl(model, orig)
         return loss
 
@@ -470,22 +472,48 @@ class FitTrainer(GuardedTrainer):
         """LM-head logits at ``keep`` of the frozen model the targets start from (A_o's state),
         in eval mode: what the next-token terms, and the held-out check of the stop term, compare
         the trained model with."""
-        from rahf.hidden_states import logits_at
+        return self._frozen_pass(orig, keep, ())[0]
+
+    @torch.no_grad()
+    def _frozen_pass(self, orig: dict, keep: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits at keep, A_o at layers over the reply tokens or None)``: one whole pass of A_o's model."""
+        from rahf.hidden_states import capture_blocks, logits_at
 
         with evaluating(self.frozen.model), self.frozen.state(self.source.orig.state) as frozen_model:
-            return logits_at(frozen_model, orig, keep)
+            with capture_blocks(frozen_model, layers) as captured:
+                logits = logits_at(frozen_model, orig, keep)
+        if not layers:
+            return logits, None
+        width = int(orig["reply_len"].max())
+        return logits, torch.stack([gather_reply(captured[layer], orig["reply_start"], width) for layer in layers])
 
-    def _loss_with_logits(self, model, orig: dict, target: torch.Tensor, width: int) -> torch.Tensor:
+    def _targets_and_frozen_logits(self, inputs: dict, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets and the frozen logits, with A_o's model run once: the next-token terms run it
+        to the LM head anyway, so A_o is captured at the target layers on the way (it used to run a
+        second, truncated pass for the patterns)."""
+        orig = inputs["orig"]
+        if "targets" in inputs:
+            return inputs["targets"], self.frozen_logits(orig, keep)
+        frozen_logits, a_o = self._frozen_pass(orig, keep, self.layers)
+        others = frozen_patterns(
+            self.frozen, self.source, inputs, self.layers, pad_id=self.pad_id, truncate=self.truncate,
+            batch_frozen=self.batch_frozen, share_prompt=getattr(self, "share_prompt", False),
+            pad_multiple=self.pad_multiple(), roles=("preferred", "dispreferred"),
+        )
+        return build_targets({"orig": a_o, **others}, self.alpha), frozen_logits
+
+    def _loss_with_logits(self, model, inputs: dict, width: int) -> torch.Tensor:
         """The fitting loss plus the next-token terms: one whole pass of the trained model (its
         target layers captured on the way) and one of the frozen model the targets start from,
         each with the LM head on the reply tokens' predicting positions only."""
         from rahf.hidden_states import capture_blocks, logits_at, predicting_mask
 
+        orig = inputs["orig"]
         keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
+        target, frozen_logits = self._targets_and_frozen_logits(inputs, keep)
         with capture_blocks(model, self.layers) as captured:
             trained_logits = logits_at(model, orig, keep)
         hidden = torch.stack([gather_reply(captured[layer], orig["reply_start"], width) for layer in self.layers])
-        frozen_logits = self.frozen_logits(orig, keep)
         loss = fitting_loss(hidden, target, reply_mask(orig["reply_len"], width))
         if self.kl_weight > 0:
             loss = loss + self.kl_weight * next_token_kl(frozen_logits, trained_logits)

@@ -208,8 +208,9 @@ def frozen_patterns(
     batch_frozen: bool = True,
     share_prompt: bool = True,
     pad_multiple: int = 1,
+    roles: Sequence[str] = ROLES,
 ) -> dict[str, torch.Tensor]:
-    """Hidden states of each role: {role: (layers, batch, reply_width, hidden)}.
+    """Hidden states of each of ``roles``: {role: (layers, batch, reply_width, hidden)}.
 
     Roles that share a model state go through it in one batched call when ``batch_frozen``
     (SCIT: all three; Dual: none). With ``share_prompt``, a prompt that several rows of a call
@@ -218,10 +219,10 @@ def frozen_patterns(
     """
     width = int(batches["orig"]["reply_len"].max())
     groups: dict[str, list[str]] = {}
-    for role in ROLES:
+    for role in roles:
         groups.setdefault(source[role].state, []).append(role)
     if not batch_frozen:
-        groups = {f"{source[r].state}\0{r}": [r] for r in ROLES}
+        groups = {f"{source[r].state}\0{r}": [r] for r in roles}
     out: dict[str, torch.Tensor] = {}
     with evaluating(frozen.model):
         for key, roles in groups.items():
