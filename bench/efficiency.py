@@ -331,7 +331,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     )
     from rahf.method.patterns import FROZEN, ROLES, fit_examples, pattern_source
     from rahf.method.targets import TargetCache
-    from rahf.models import load_model, load_tokenizer
+    from rahf.models import load_model, load_tokenizer, stop_token_ids
     from rahf.preflight import target_layers
     from rahf.runs import read_pairs
     from rahf.trainer import training_arguments
@@ -381,7 +381,9 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
         trainer.setup_fit(
             layers=layers, alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
             pad_id=tokenizer.pad_token_id, truncate=config.fit.truncate_forward,
-            batch_frozen=config.fit.batch_frozen, kl_weight=0.0, group_by_length=config.fit.group_by_length,
+            batch_frozen=config.fit.batch_frozen, kl_weight=config.fit.kl_weight, stop_weight=config.fit.stop_weight,
+            stop_ids=stop_token_ids(model, tokenizer), anchor_weight=config.fit.anchor_weight,
+            anchor_tokens=config.reply_window, group_by_length=config.fit.group_by_length,
             share_prompt=row.share, share_trained_prompt=row.share_trained if row.share else False,
         )
         return trainer
@@ -407,6 +409,7 @@ def _worker(row: Row, work: Path, rss_all: PeakRSS, overrides: list[str]) -> dic
     frozen_lora = 0 if config.step1.dual_storage == "full-copies" else shape.lora(config.step1.lora.r, config.step1.lora.target_modules)
     fit_lora = shape.lora(config.fit.lora.r, config.fit.lora.target_modules)
     checkpointing = trainer.args.activation_checkpointing  # auto resolved; it stops the trained pass sharing
+    # The analytic count covers the pattern fit; the next-token and anchor terms' passes are not in it.
     flops = sum(
         step_flops(shape, b, t, top=max(layers), truncate=config.fit.truncate_forward, frozen_lora=frozen_lora,
                    fit_lora=fit_lora, frozen_passes=cache is None, recompute=checkpointing,
