@@ -164,3 +164,29 @@ def test_held_out_anchor_drift_is_measured_and_stated_on_the_card(tiny):
     assert progress["anchor_kl"] == pytest.approx(_anchor_drift(model, frozen, trainer, batch), rel=1e-3)
     lines = check_lines(config, [], {"convergence": {"examples": len(examples), "source": "validation", **progress}})
     assert any(line.startswith("On-policy anchor (fit.anchor_weight=5.0): on the frozen model's own replies") for line in lines)
+
+
+def test_prefetched_replies_cover_every_prompt_the_fit_reads(tmp_path, tiny):
+    """Generated ahead for the first max_steps batches of the seeded sampler, many prompts per
+    call: training then generates nothing."""
+    from rahf.trainer import training_arguments
+
+    pairs = [PreferencePair(({"role": "user", "content": f"Question {i}{'?' * i}"},), f"Answer {i}.", f"No {i}.", f"t:{i}")
+             for i in range(6)]
+    config = load_config(None, [f"model={tiny}", "method=scit", "patterns.target_layers=[1,3]", "patterns.reply=both",
+                                "fit.train.max_steps=2", "fit.train.batch_size=2", "fit.anchor_weight=1",
+                                "report_to=[none]", "device=cpu"])
+    tok = tiny_tokenizer()
+    model, frozen = load_fit_model(config, tiny, {}, [1, 3])
+    examples = fit_examples(pairs, tok, config)
+    trainer = FitTrainer(model=model, args=training_arguments(config, config.fit.train, tmp_path / "out", stage="fit"),
+                         train_dataset=examples, data_collator=FitCollator(tok.pad_token_id))
+    trainer.setup_fit(layers=[1, 3], alpha=1.0, source=pattern_source(config), frozen=frozen, pad_id=tok.pad_token_id,
+                      truncate=True, batch_frozen=True, kl_weight=0.0, stop_ids=stop_token_ids(model, tok),
+                      anchor_weight=1.0, anchor_tokens=4, group_by_length=True)
+    with mock.patch.object(anchor_module, "continue_batch", wraps=anchor_module.continue_batch) as generate:
+        assert trainer.prefetch_anchors(examples) == 2  # 2 steps x 2 examples = 2 pairs, one prompt each
+        assert generate.call_count == 1
+        trainer.train()
+        assert generate.call_count == 1  # every prompt the steps read was there
+    assert len(trainer.anchors.replies) == 2

@@ -10,8 +10,10 @@ frozen model's greedy reply to each fit prompt, an estimate of the KL between th
 reply distributions. RLHF's KL penalty plays the same role, but it samples the trained policy;
 sampling the frozen model instead costs no generation per step.
 
-A prompt's reply is generated the first time a batch needs it, once, in the run's precision, and
-kept for the rest of the fit. Greedy decoding makes a resumed fit regenerate the same replies.
+A prompt's reply is generated once, in the run's precision, and kept for the rest of the fit:
+before training for the prompts the fit's batches will read (:meth:`AnchorReplies.prefetch`, many
+prompts per ``generate`` call, whose cost is mostly per decoding step, not per row), else the first
+time a batch needs it. Greedy decoding makes a resumed fit regenerate the same replies.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class AnchorReplies:
     one came: the term then also holds the decision to stop there.
     """
 
-    def __init__(self, *, stop_ids: Sequence[int], pad_id: int, max_new_tokens: int, batch_size: int = 8) -> None:
+    def __init__(self, *, stop_ids: Sequence[int], pad_id: int, max_new_tokens: int, batch_size: int = 32) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"an anchor reply needs max_new_tokens >= 1, got {max_new_tokens}")
         self.stop_ids, self.pad_id, self.batch_size = list(stop_ids), pad_id, batch_size
@@ -48,14 +50,19 @@ class AnchorReplies:
         self.replies: dict[tuple[int, ...], list[int]] = {}
 
     @torch.no_grad()
-    def batch(self, frozen_model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        """Right-padded rows of prompt + reply, one per distinct prompt, in first-seen order
-        (a pair's two examples share their prompt). ``frozen_model`` writes the missing replies."""
-        distinct = list(dict.fromkeys(tuple(p) for p in prompts))
-        missing = sorted((p for p in distinct if p not in self.replies), key=len)  # similar lengths pad less
+    def prefetch(self, frozen_model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> int:
+        """Generate the replies ``prompts`` still lack, ``batch_size`` prompts per call; returns how many."""
+        missing = sorted({tuple(p) for p in prompts} - self.replies.keys(), key=lambda p: (len(p), p))  # similar lengths pad less
         for start in range(0, len(missing), self.batch_size):
             part = missing[start : start + self.batch_size]
             for prompt, new in zip(part, continue_batch(frozen_model, part, self.config, self.pad_id), strict=True):
                 kept, stopped = cut_at_stop(new, self.stop_ids)
                 self.replies[prompt] = kept + new[len(kept) : len(kept) + 1] if stopped else kept
+        return len(missing)
+
+    def batch(self, frozen_model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Right-padded rows of prompt + reply, one per distinct prompt, in first-seen order
+        (a pair's two examples share their prompt). ``frozen_model`` writes the missing replies."""
+        distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+        self.prefetch(frozen_model, distinct)
         return pad_batch([Encoded(list(p), self.replies[p], False, False) for p in distinct], self.pad_id)

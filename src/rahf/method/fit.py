@@ -25,6 +25,7 @@ examples, (optionally) cache the targets, train, save the adapter.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -455,6 +456,24 @@ class FitTrainer(GuardedTrainer):
                 loss = loss + self.anchor_weight * self.anchor_kl(model, orig)
         return loss
 
+    def prefetch_anchors(self, examples: Sequence[FitExample]) -> int:
+        """Generate, before training, the anchor replies of the prompts the fit will read: every
+        prompt when it reads whole epochs, else the first ``max_steps`` batches of the seeded sampler
+        (whose order training then repeats); with another sampler, none (the steps generate them).
+        Returns how many replies were generated."""
+        if getattr(self, "anchors", None) is None:
+            return 0
+        per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        if self.args.max_steps <= 0 or self.args.max_steps * per_step >= len(examples):
+            order: Sequence[int] = range(len(examples))
+        else:
+            sampler = self._get_train_sampler(examples)
+            if not isinstance(sampler, LengthGroupedSampler):
+                return 0
+            order = list(sampler)[: self.args.max_steps * per_step]
+        with self.autocast(), evaluating(self.frozen.model), self.frozen.state(self.source.orig.state) as frozen_model:
+            return self.anchors.prefetch(frozen_model, [examples[i].inputs["orig"].prompt_ids for i in order])
+
     def anchor_kl(self, model, batch: dict) -> torch.Tensor:
         """Next-token KL(frozen || trained) on the frozen model's own greedy replies to ``batch``'s
         prompts (:mod:`rahf.method.anchor`), one row per distinct prompt."""
@@ -642,6 +661,12 @@ def fit_stage(plan: RunPlan, run: RunDir, train: Sequence, base: str, out) -> di
             build_cache()
             cache = TargetCache(cache_dir)
         trainer.data_collator = FitCollator(tokenizer.pad_token_id, cache)
+    if config.fit.anchor_weight > 0:
+        started = time.perf_counter()
+        generated = trainer.prefetch_anchors(examples)
+        if is_main_process():
+            print(f"rahf: fit: {generated} anchor replies (the frozen model's own, fit.anchor_weight) generated"
+                  f" ahead in {time.perf_counter() - started:.1f} s")
     result = train_stage(trainer, out, merged=False, model=model)
     result.update(examples=len(examples), layers=layers, plateau_stop=plateau.stopped_at)
     if held:
