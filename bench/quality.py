@@ -105,7 +105,8 @@ EXTRA_ABLATIONS = [
 ]
 # Extra ablations also run on seeds 1 and 2, each a main-table row of its own: (knob, value).
 CONFIRM: list[tuple[str, Any]] = [("stop", 20.0), ("stop", 200.0), ("kl", 10.0),  # BENCHMARKS.md session 6
-                                   ("target", "preferred")]  # session 7: the best seed-0 hh ablation within the length guard
+                                   ("target", "preferred"),  # session 7: the best seed-0 hh ablation within the length guard
+                                   ("anchor", 10.0), ("anchor", 50.0)]  # session 7: does the on-policy anchor hold hh where seeds 1-2 grew?
 STRENGTHS = (0.5, 1.0, 2.0, 4.0)  # steering: multiples of the scan's suggested strength
 
 
