@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
+from fit_terms import PAIRS, loss_only_trainer, move_adapter, tiny_fixture, train_loss  # noqa: F401  (fixture)
 
 from rahf.config import ConfigError, load_config
 from rahf.data.schema import PreferencePair
@@ -16,30 +17,12 @@ from rahf.method.anchor import AnchorReplies, batch_prompts
 from rahf.method.fit import FitCollator, FitTrainer, load_fit_model, next_token_kl
 from rahf.method.patterns import FROZEN, fit_examples, pattern_source
 from rahf.models import stop_token_ids
-from rahf.testing import save_tiny, tiny_tokenizer
-
-PAIRS = [
-    PreferencePair(({"role": "user", "content": "How do I boil an egg?"},), "Boil it for nine minutes.", "No idea.", "t:1"),
-    PreferencePair(({"role": "user", "content": "Say hi."},), "Hi there, nice to meet you!", "Go away.", "t:2"),
-]
+from rahf.testing import tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(save_tiny(tmp_path_factory.mktemp("model") / "tiny", layers=4))
-
-
-def _trainer(tiny, anchor_weight: float, tokens: int = 6):
-    config = load_config(None, [f"model={tiny}", "method=scit", "patterns.target_layers=[1,3]", "patterns.reply=both"])
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    model, frozen = load_fit_model(config, tiny, {}, [1, 3])
-    trainer = FitTrainer.__new__(FitTrainer)  # the loss alone, no training loop
-    trainer.setup_fit(layers=[1, 3], alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
-                      pad_id=tok.pad_token_id, truncate=True, batch_frozen=True, kl_weight=0.0,
-                      stop_ids=stop_token_ids(model, tok), anchor_weight=anchor_weight, anchor_tokens=tokens)
-    batch = FitCollator(tok.pad_token_id)(fit_examples(PAIRS, tok, config))
-    return trainer, model, frozen, batch
+def _trainer(tiny, anchor_weight: float):
+    """Both replies of each pair (so a batch holds each prompt twice), anchor replies of 6 tokens."""
+    return loss_only_trainer(tiny, "patterns.reply=both", anchor_weight=anchor_weight, anchor_tokens=6)
 
 
 def _greedy(model, prompt: list[int], steps: int, stop_ids: list[int]) -> list[int]:
@@ -107,10 +90,7 @@ def test_anchor_replies_are_the_frozen_models_greedy_replies_generated_once(tiny
 
 def test_anchor_term_adds_its_weight_times_the_kl_on_the_frozen_models_replies(tiny):
     trainer, model, frozen, batch = _trainer(tiny, 3.0)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # an adapter that moves the model
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
+    move_adapter(model)
     model.eval()
     drift = _anchor_drift(model, frozen, trainer, batch)
     assert drift > 1e-6
@@ -124,14 +104,7 @@ def test_training_with_the_anchor_keeps_the_frozen_models_replies_closer(tiny):
     for weight in (0.0, 50.0):
         trainer, model, frozen, batch = _trainer(tiny, weight)
         probe = trainer if weight else _trainer(tiny, 1.0)[0]  # weight 0 keeps no replies: measure with another
-        params = [p for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-2)
-        model.train()
-        for _ in range(15):
-            optimizer.zero_grad()
-            trainer.stage_loss(model, batch).backward()
-            optimizer.step()
-        model.eval()
+        train_loss(trainer, model, batch)
         drifts[weight] = _anchor_drift(model, frozen, probe, batch)
     assert drifts[0.0] > 1e-4  # the fit alone moves the model along its own replies
     assert drifts[50.0] < 0.2 * drifts[0.0]
@@ -155,10 +128,7 @@ def test_held_out_anchor_drift_is_measured_and_stated_on_the_card(tiny):
     config = load_config(None, [f"model={tiny}", "method=scit", "patterns.target_layers=[1,3]", "fit.anchor_weight=5"])
     examples = fit_examples(PAIRS, tiny_tokenizer(), config)
     assert measure_progress(trainer, examples)["anchor_kl"] == pytest.approx(0.0, abs=1e-9)  # fresh adapter
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
+    move_adapter(model)
     progress = measure_progress(trainer, examples)
     model.eval()
     assert progress["anchor_kl"] == pytest.approx(_anchor_drift(model, frozen, trainer, batch), rel=1e-3)

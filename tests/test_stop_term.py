@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from fit_terms import PAIRS, loss_only_trainer, move_adapter, tiny_fixture, train_loss  # noqa: F401  (fixture)
 
 from rahf.config import ConfigError, load_config
-from rahf.data.schema import PreferencePair
 from rahf.hidden_states import capture_blocks, gather_reply, logits_at, predicting_mask, reply_mask
 from rahf.method.fit import (
     FitCollator,
@@ -21,17 +21,7 @@ from rahf.method.fit import (
 )
 from rahf.method.patterns import FROZEN, fit_examples, pattern_source
 from rahf.models import stop_token_ids
-from rahf.testing import save_tiny, tiny_tokenizer
-
-PAIRS = [
-    PreferencePair(({"role": "user", "content": "How do I boil an egg?"},), "Boil it for nine minutes.", "No idea.", "t:1"),
-    PreferencePair(({"role": "user", "content": "Say hi."},), "Hi there, nice to meet you!", "Go away.", "t:2"),
-]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(save_tiny(tmp_path_factory.mktemp("model") / "tiny", layers=4))
+from rahf.testing import tiny_tokenizer
 
 
 def test_stop_log_probs_sum_the_stop_tokens():
@@ -60,16 +50,7 @@ def test_next_token_kl_is_the_mean_over_reply_tokens():
 
 
 def _trainer(tiny, stop_weight: float, kl_weight: float = 0.0):
-    config = load_config(None, [f"model={tiny}", "method=scit", "patterns.target_layers=[1,3]"])
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    model, frozen = load_fit_model(config, tiny, {}, [1, 3])
-    trainer = FitTrainer.__new__(FitTrainer)  # the loss alone, no training loop
-    trainer.setup_fit(layers=[1, 3], alpha=config.patterns.alpha, source=pattern_source(config), frozen=frozen,
-                      pad_id=tok.pad_token_id, truncate=True, batch_frozen=True, kl_weight=kl_weight,
-                      stop_weight=stop_weight, stop_ids=stop_token_ids(model, tok))
-    batch = FitCollator(tok.pad_token_id)(fit_examples(PAIRS, tok, config))
-    return trainer, model, frozen, batch
+    return loss_only_trainer(tiny, kl_weight=kl_weight, stop_weight=stop_weight)
 
 
 def _stop_drift(model, frozen, batch, stop_ids) -> float:
@@ -86,10 +67,7 @@ def _stop_drift(model, frozen, batch, stop_ids) -> float:
 @pytest.mark.parametrize("term", ["stop", "kl"])
 def test_next_token_terms_add_their_weight_times_their_kl(tiny, term):
     trainer, model, frozen, batch = _trainer(tiny, 3.0 if term == "stop" else 0.0, 3.0 if term == "kl" else 0.0)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # an adapter that moves the model
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
+    move_adapter(model)
     model.eval()
     orig = batch["orig"]
     keep = predicting_mask(orig["reply_start"], orig["reply_len"], orig["input_ids"].shape[1])
@@ -111,14 +89,7 @@ def test_training_with_the_stop_term_keeps_the_stop_probability_closer(tiny):
     for weight in (0.0, 50.0):
         trainer, model, frozen, batch = _trainer(tiny, weight)
         model.get_output_embeddings().weight.data *= 40
-        params = [p for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-2)
-        model.train()
-        for _ in range(15):
-            optimizer.zero_grad()
-            trainer.stage_loss(model, batch).backward()
-            optimizer.step()
-        model.eval()
+        train_loss(trainer, model, batch)
         drifts[weight] = _stop_drift(model, frozen, batch, trainer.stop_ids)
     assert drifts[0.0] > 1e-4  # the fit alone moves when the model stops
     assert drifts[50.0] < 0.2 * drifts[0.0]
@@ -165,10 +136,7 @@ def test_held_out_stop_drift_is_measured_and_stated_on_the_card(tiny):
     config = load_config(None, [f"model={tiny}", "method=scit", "patterns.target_layers=[1,3]", "fit.stop_weight=5"])
     examples = fit_examples(PAIRS, tiny_tokenizer(), config)
     assert measure_progress(trainer, examples)["stop_kl"] == pytest.approx(0.0, abs=1e-9)  # fresh adapter
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
+    move_adapter(model)
     progress = measure_progress(trainer, examples)
     model.eval()  # as the measurement runs: no LoRA dropout
     assert progress["stop_kl"] == pytest.approx(_stop_drift(model, frozen, batch, trainer.stop_ids), rel=1e-3)
@@ -195,10 +163,7 @@ def test_next_token_terms_run_the_frozen_start_model_once(tmp_path, tiny, method
     trainer.setup_fit(layers=[1, 3], alpha=2.0, source=source, frozen=frozen, pad_id=tok.pad_token_id, truncate=True,
                       batch_frozen=True, kl_weight=2.0, stop_weight=5.0, stop_ids=stop_token_ids(model, tok))
     batch = FitCollator(tok.pad_token_id)(fit_examples(PAIRS, tok, config))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # the fitted adapter moves the model
-        if "lora_B" in name and "default" in name:
-            p.data.normal_(0, 0.5)
+    move_adapter(model, "default")  # the fitted adapter moves the model
     model.eval()
     entered = []
     state = frozen.state
