@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import benchlib  # noqa: E402
 import quality  # noqa: E402
 
+from rahf.config import load_config  # noqa: E402
+
 
 def test_steps_from_two_calibration_runs_single_stage():
     budget = quality.Budget(cpu_seconds=900, calib_steps=4)
@@ -155,8 +157,11 @@ def test_extra_ablations_set_their_options_and_keep_other_digests():
     assert "step1.shared_length=true" in quality.overrides("dual", {**knobs, "shared": True}, *args)
     assert "fit.stop_weight=10.0" in quality.overrides("dual", {**knobs, "stop": 10.0}, *args)
     assert "fit.kl_weight=10.0" in quality.overrides("dual", {**knobs, "kl": 10.0}, *args)
+    normed = quality.overrides("dual", {**knobs, "norm": 5.0}, *args)
+    assert {"step1.loss_type=sigmoid_norm", "step1.beta=5.0"} <= set(normed)
+    assert load_config(None, [s for s in normed if not s.startswith("data=")]).step1.loss_type == "sigmoid_norm"
     plain = quality.overrides("dual", knobs, *args)
-    assert not any("shared_length" in s or "stop_weight" in s or "kl_weight" in s for s in plain)
+    assert not any("shared_length" in s or "stop_weight" in s or "kl_weight" in s or "loss_type" in s for s in plain)
     for knob, _, _ in quality.EXTRA_ABLATIONS:  # a new knob in DEFAULTS would change every cached setting's digest
         assert knob not in quality.DEFAULTS["dual"]
 

@@ -115,3 +115,36 @@ def test_shared_length_needs_the_preference_objective():
     with pytest.raises(ConfigError, match="step1.shared_length cuts the pairs of step1.objective=preference"):
         load_config(None, ["method=dual", "step1.shared_length=true"])
     assert load_config(None, ["method=dual", "step1.objective=preference", "step1.shared_length=true"]).step1.shared_length
+
+
+def test_step1_loss_type_needs_the_preference_objective_and_a_known_loss():
+    with pytest.raises(ConfigError, match="step1.loss_type is the DPO loss of step1.objective=preference"):
+        load_config(None, ["method=dual", "step1.loss_type=sigmoid_norm"])
+    with pytest.raises(ConfigError, match="step1.loss_type"):
+        load_config(None, ["method=dual", "step1.objective=preference", "step1.loss_type=nope"])
+    config = load_config(None, ["method=dual", "step1.objective=preference", "step1.loss_type=sigmoid_norm"])
+    assert config.step1.loss_type == "sigmoid_norm"
+
+
+def test_step1_passes_its_loss_type_to_dpo(tiny_assets, tmp_path, monkeypatch):
+    """The Dual side's DPO trainer gets step1.loss_type and step1.beta (not the baseline's)."""
+    import rahf.baselines.dpo as dpo
+    from rahf.method.step1_objectives import train_side_preference
+    from rahf.models import load_tokenizer
+    from rahf.plan import plan_run
+
+    model, data = tiny_assets
+    config = load_config(None, tiny_settings(model, data, tmp_path / "run", "step1.objective=preference",
+                                             "step1.loss_type=sigmoid_norm", "step1.beta=4", "step1.train.max_steps=1"))
+    seen = {}
+
+    def spy(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        seen.update(loss=trainer.loss_types, beta=trainer.beta)
+        return trainer
+
+    real = dpo.build_dpo_trainer
+    monkeypatch.setattr(dpo, "build_dpo_trainer", spy)
+    plan = plan_run(config, tokenizer=load_tokenizer(str(model)), layers=[1, 2])
+    train_side_preference(plan, PAIRS, "preferred", tmp_path / "side", merged=False)
+    assert seen == {"loss": ["sigmoid_norm"], "beta": 4.0}

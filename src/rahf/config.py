@@ -19,6 +19,9 @@ from rahf.config_loader import ConfigError, file_layer, load, read_yaml, set_lay
 from rahf.instructions import DISPREFERRED_INSTRUCTION, PREFERRED_INSTRUCTION
 
 C = TypeVar("C", bound="RunConfig")  # the config class load_config builds
+# TRL DPOConfig.loss_type values offered for DPO and Dual step 1: the paired losses on the
+# chosen-minus-rejected log-ratio (sigmoid_norm: per-token means instead of sums).
+DpoLoss = Literal["sigmoid", "sigmoid_norm", "ipo", "hinge", "robust"]
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
@@ -100,6 +103,10 @@ class Step1Config:
         metadata={"help": "Dual: sft (paper: each side imitates its replies) or preference (DPO: chosen over rejected for M+, swapped for M-)"},
     )
     beta: float = field(default=0.1, metadata={"help": "DPO temperature of step1.objective=preference"})
+    loss_type: DpoLoss = field(
+        default="sigmoid",
+        metadata={"help": "step1.objective=preference: TRL's DPO loss; sigmoid_norm compares per-token means, so a longer reply carries no more weight than a short one (raise step1.beta: its scale is per token)"},
+    )
     shared_length: bool = field(
         default=False,
         metadata={"help": "step1.objective=preference: compare chosen and rejected over their shared length, without the end-of-reply token, so step 1 learns what the replies say rather than which is longer or stops first"},
@@ -346,6 +353,8 @@ class AlignConfig(RunConfig):
             raise ConfigError("step1.objective=preference and patterns.align_target=preferred are Dual options; use method=dual")
         if self.step1.shared_length and self.step1.objective != "preference":
             raise ConfigError("step1.shared_length cuts the pairs of step1.objective=preference; set that too (method=dual)")
+        if self.step1.loss_type != "sigmoid" and self.step1.objective != "preference":
+            raise ConfigError("step1.loss_type is the DPO loss of step1.objective=preference; set that too (method=dual)")
         self.fit.check()
 
     @property
@@ -363,13 +372,13 @@ class AlignConfig(RunConfig):
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section;
         runs written before ``fit.share_prompt`` shared the frozen passes only: they resume as ``frozen``;
-        runs written before ``step1.shared_length``, ``fit.stop_weight`` or ``fit.anchor_weight`` resume with
+        runs written before ``step1.shared_length``, ``step1.loss_type``, ``fit.stop_weight`` or ``fit.anchor_weight`` resume with
         them off, as they ran."""
         upgraded = {k: v for k, v in saved.items() if k != "baseline"}
         if isinstance(upgraded.get("fit"), dict):
             upgraded["fit"] = {"share_prompt": "frozen", "stop_weight": 0.0, "anchor_weight": 0.0, **upgraded["fit"]}
         if isinstance(upgraded.get("step1"), dict):
-            upgraded["step1"] = {"shared_length": False, **upgraded["step1"]}
+            upgraded["step1"] = {"shared_length": False, "loss_type": "sigmoid", **upgraded["step1"]}
         return upgraded
 
 
@@ -388,6 +397,10 @@ class BaselineConfig(RunConfig):
     )
     full_finetune: bool = field(default=False, metadata={"help": "train all weights instead of LoRA"})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature of the implicit reward"})
+    loss_type: DpoLoss = field(
+        default="sigmoid",
+        metadata={"help": "DPO: TRL's loss; sigmoid_norm compares per-token means of the log-ratios (raise beta: its scale is per token)"},
+    )
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "DPO: compute the reference log-probs once before training (when training reads every pair; else per batch)"}
     )
@@ -415,11 +428,11 @@ class BaselineConfig(RunConfig):
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Baseline runs written before this class existed saved align's config with a
         ``baseline`` section; they recorded no method (the command named it), so take ours. Runs
-        written before ``shared_length`` resume with it off, as they ran."""
+        written before ``shared_length`` or ``loss_type`` resume with what they ran (off, sigmoid)."""
         if "baseline" in saved:
             common = {f.name for f in dataclasses.fields(RunConfig)}
             saved = {k: v for k, v in saved.items() if k in common} | saved["baseline"] | {"method": self.method}
-        return {"shared_length": False, **saved}
+        return {"shared_length": False, "loss_type": "sigmoid", **saved}
 
 
 def default_target_layers(num_layers: int) -> list[int]:
