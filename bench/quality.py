@@ -106,12 +106,16 @@ EXTRA_ABLATIONS = [
     # weigh no more (5 ~ 0.1 x a 50-token reply: the summed loss's first step; 20: 4x that)
     ("norm", 5.0, {"objective": "preference"}),
     ("norm", 20.0, {"objective": "preference"}),
+    # step1.sft_weight=value: DPO plus the NLL of each side's preferred reply (RPO), between the
+    # paper's SFT step 1 and the pick's DPO
+    ("rpo", 1.0, {"objective": "preference"}),
 ]
 # Extra ablations also run on seeds 1 and 2, each a main-table row of its own: (knob, value).
 CONFIRM: list[tuple[str, Any]] = [("stop", 20.0), ("stop", 200.0), ("kl", 10.0),  # BENCHMARKS.md session 6
                                    ("target", "preferred"),  # session 7: the best seed-0 hh ablation within the length guard
                                    ("anchor", 10.0), ("anchor", 50.0),  # session 7: does the on-policy anchor hold hh where seeds 1-2 grew?
-                                   ("norm", 5.0), ("norm", 20.0)]  # session 8: a step 1 that cannot gain by length
+                                   ("norm", 5.0), ("norm", 20.0),  # session 8: a step 1 that cannot gain by length
+                                   ("rpo", 1.0)]  # session 8: each side also imitates its replies (SFT moved hh in 3 of 3)
 STRENGTHS = (0.5, 1.0, 2.0, 4.0)  # steering: multiples of the scan's suggested strength
 
 
@@ -158,6 +162,7 @@ def overrides(method: str, knobs: dict, budget: Budget, seed: int, data: Path, s
         sets += [f"step1.objective={knobs['objective']}", f"patterns.align_target={knobs['target']}"]
         sets += ["step1.shared_length=true"] if knobs.get("shared") else []
         sets += ["step1.loss_type=sigmoid_norm", f"step1.beta={knobs['norm']}"] if knobs.get("norm") else []
+        sets += [f"step1.sft_weight={knobs['rpo']}"] if knobs.get("rpo") else []
     sets += [f"fit.stop_weight={knobs['stop']}"] if knobs.get("stop") else []
     sets += [f"fit.kl_weight={knobs['kl']}"] if knobs.get("kl") else []
     sets += [f"fit.anchor_weight={knobs['anchor']}"] if knobs.get("anchor") else []

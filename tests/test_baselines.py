@@ -254,15 +254,16 @@ def test_dpo_shared_length_trains_on_equally_long_unfinished_replies(setup, tmp_
     assert cut > 0  # the tiny data has pairs of unequal length: the option changed something
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "sigmoid_norm"])
-def test_dpo_loss_type_reaches_trl_and_matches_a_hand_computed_loss(setup, tmp_path, loss_type):
+@pytest.mark.parametrize(("loss_type", "sft_weight"), [("sigmoid", 0.0), ("sigmoid_norm", 0.0), ("sigmoid", 0.5)])
+def test_dpo_loss_type_reaches_trl_and_matches_a_hand_computed_loss(setup, tmp_path, loss_type, sft_weight):
     """sigmoid: -log sigmoid(beta (sum chosen log-ratio - sum rejected)); sigmoid_norm divides each
-    sum by its reply's token count first. Checked on a moved adapter, where the two differ."""
+    sum by its reply's token count first; sft_weight adds w x the mean NLL over the batch's chosen
+    tokens (RPO). Checked on a moved adapter, where they differ."""
     import torch.nn.functional as F
 
     beta = 3.0
     _, _, _, trainer = _dpo_trainer(setup, tmp_path, f"loss_type={loss_type}", f"beta={beta}", "train.max_steps=-1",
-                                  "mixed_precision=no")  # fp32: the hand computation has no autocast
+                                  f"sft_weight={sft_weight}", "mixed_precision=no")  # fp32: no autocast by hand
     model = trainer.model.eval()  # no dropout: the hand computation runs the same function
     torch.manual_seed(0)
     for name, param in model.named_parameters():
@@ -270,9 +271,12 @@ def test_dpo_loss_type_reaches_trl_and_matches_a_hand_computed_loss(setup, tmp_p
             param.data.normal_(0, 0.5)
     rows = [trainer.train_dataset[i] for i in range(4)]
 
-    def reply_logps(prompt: list[int], reply: list[int]) -> torch.Tensor:
+    def token_logps(prompt: list[int], reply: list[int]) -> torch.Tensor:
         logits = model(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 : -1].float()
-        return logits.log_softmax(-1).gather(-1, torch.tensor(reply)[:, None]).sum()
+        return logits.log_softmax(-1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+
+    def reply_logps(prompt: list[int], reply: list[int]) -> torch.Tensor:
+        return token_logps(prompt, reply).sum()
 
     def score(row: dict, side: str) -> torch.Tensor:
         with torch.no_grad():
@@ -283,8 +287,12 @@ def test_dpo_loss_type_reaches_trl_and_matches_a_hand_computed_loss(setup, tmp_p
         return ratio / len(row[f"{side}_ids"]) if loss_type == "sigmoid_norm" else ratio
 
     expected = torch.stack([-F.logsigmoid(beta * (score(r, "chosen") - score(r, "rejected"))) for r in rows]).mean()
+    if sft_weight:
+        with torch.no_grad():
+            chosen_tokens = torch.cat([token_logps(r["prompt_ids"], r["chosen_ids"]) for r in rows])
+        expected = expected - sft_weight * chosen_tokens.mean()
     with torch.no_grad():
         loss = trainer.compute_loss(model, trainer.data_collator(rows))
-    assert trainer.loss_types == [loss_type]
+    assert trainer.loss_types == ([loss_type, "sft"] if sft_weight else [loss_type])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert abs(expected.item() - math.log(2)) > 1e-2  # the adapter moved: the check is not at the start value

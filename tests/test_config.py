@@ -306,11 +306,13 @@ def test_runs_saved_before_shared_length_resume_with_it_off():
     align = AlignConfig(method="dual")
     saved = align.to_dict()
     del saved["step1"]["shared_length"]
-    del saved["step1"]["loss_type"]  # step1.loss_type came later still
+    del saved["step1"]["loss_type"]  # step1.loss_type and sft_weight came later still
+    del saved["step1"]["sft_weight"]
     del saved["fit"]["stop_weight"]  # fit.stop_weight came later still
     assert align.upgrade_saved(saved) == align.to_dict()
     baseline = BaselineConfig(method="dpo")
     saved = baseline.to_dict()
     del saved["shared_length"]
     del saved["loss_type"]
+    del saved["sft_weight"]
     assert baseline.upgrade_saved(saved) == baseline.to_dict()

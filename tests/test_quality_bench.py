@@ -160,8 +160,10 @@ def test_extra_ablations_set_their_options_and_keep_other_digests():
     normed = quality.overrides("dual", {**knobs, "norm": 5.0}, *args)
     assert {"step1.loss_type=sigmoid_norm", "step1.beta=5.0"} <= set(normed)
     assert load_config(None, [s for s in normed if not s.startswith("data=")]).step1.loss_type == "sigmoid_norm"
+    rpo = load_config(None, [s for s in quality.overrides("dual", {**knobs, "rpo": 1.0}, *args) if not s.startswith("data=")])
+    assert (rpo.step1.sft_weight, rpo.step1.loss_type) == (1.0, "sigmoid")
     plain = quality.overrides("dual", knobs, *args)
-    assert not any("shared_length" in s or "stop_weight" in s or "kl_weight" in s or "loss_type" in s for s in plain)
+    assert not any("shared_length" in s or "stop_weight" in s or "kl_weight" in s or "loss_type" in s or "sft_weight" in s for s in plain)
     for knob, _, _ in quality.EXTRA_ABLATIONS:  # a new knob in DEFAULTS would change every cached setting's digest
         assert knob not in quality.DEFAULTS["dual"]
 

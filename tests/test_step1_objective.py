@@ -118,16 +118,19 @@ def test_shared_length_needs_the_preference_objective():
 
 
 def test_step1_loss_type_needs_the_preference_objective_and_a_known_loss():
-    with pytest.raises(ConfigError, match="step1.loss_type is the DPO loss of step1.objective=preference"):
-        load_config(None, ["method=dual", "step1.loss_type=sigmoid_norm"])
+    for key in ("loss_type=sigmoid_norm", "sft_weight=1"):
+        with pytest.raises(ConfigError, match=f"step1.{key.split('=')[0]} shapes the DPO loss of step1.objective=preference"):
+            load_config(None, ["method=dual", f"step1.{key}"])
     with pytest.raises(ConfigError, match="step1.loss_type"):
         load_config(None, ["method=dual", "step1.objective=preference", "step1.loss_type=nope"])
+    with pytest.raises(ConfigError, match="step1.sft_weight must be a number >= 0, got -1"):
+        load_config(None, ["method=dual", "step1.objective=preference", "step1.sft_weight=-1"])
     config = load_config(None, ["method=dual", "step1.objective=preference", "step1.loss_type=sigmoid_norm"])
     assert config.step1.loss_type == "sigmoid_norm"
 
 
 def test_step1_passes_its_loss_type_to_dpo(tiny_assets, tmp_path, monkeypatch):
-    """The Dual side's DPO trainer gets step1.loss_type and step1.beta (not the baseline's)."""
+    """The Dual side's DPO trainer gets step1.loss_type, step1.sft_weight and step1.beta (not the baseline's)."""
     import rahf.baselines.dpo as dpo
     from rahf.method.step1_objectives import train_side_preference
     from rahf.models import load_tokenizer
@@ -135,16 +138,17 @@ def test_step1_passes_its_loss_type_to_dpo(tiny_assets, tmp_path, monkeypatch):
 
     model, data = tiny_assets
     config = load_config(None, tiny_settings(model, data, tmp_path / "run", "step1.objective=preference",
-                                             "step1.loss_type=sigmoid_norm", "step1.beta=4", "step1.train.max_steps=1"))
+                                             "step1.loss_type=sigmoid_norm", "step1.beta=4", "step1.sft_weight=0.5",
+                                             "step1.train.max_steps=1"))
     seen = {}
 
     def spy(*args, **kwargs):
         trainer = real(*args, **kwargs)
-        seen.update(loss=trainer.loss_types, beta=trainer.beta)
+        seen.update(loss=trainer.loss_types, weights=trainer.loss_weights, beta=trainer.beta)
         return trainer
 
     real = dpo.build_dpo_trainer
     monkeypatch.setattr(dpo, "build_dpo_trainer", spy)
     plan = plan_run(config, tokenizer=load_tokenizer(str(model)), layers=[1, 2])
     train_side_preference(plan, PAIRS, "preferred", tmp_path / "side", merged=False)
-    assert seen == {"loss": ["sigmoid_norm"], "beta": 4.0}
+    assert seen == {"loss": ["sigmoid_norm", "sft"], "weights": [1.0, 0.5], "beta": 4.0}

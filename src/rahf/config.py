@@ -24,6 +24,11 @@ C = TypeVar("C", bound="RunConfig")  # the config class load_config builds
 DpoLoss = Literal["sigmoid", "sigmoid_norm", "ipo", "hinge", "robust"]
 
 
+def _non_negative(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+
+
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -107,6 +112,10 @@ class Step1Config:
         default="sigmoid",
         metadata={"help": "step1.objective=preference: TRL's DPO loss; sigmoid_norm compares per-token means, so a longer reply carries no more weight than a short one (raise step1.beta: its scale is per token)"},
     )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "step1.objective=preference: add this x the mean NLL of the side's preferred reply (chosen for M+, rejected for M-; RPO), so each side also imitates its replies as the paper's SFT does"},
+    )
     shared_length: bool = field(
         default=False,
         metadata={"help": "step1.objective=preference: compare chosen and rejected over their shared length, without the end-of-reply token, so step 1 learns what the replies say rather than which is longer or stops first"},
@@ -129,6 +138,7 @@ class Step1Config:
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"step1.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         _positive("step1.beta", self.beta)
+        _non_negative("step1.sft_weight", self.sft_weight)
         for name in ("readiness_pairs", "chunk_steps", "max_steps_cap"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "readiness_pairs" else 1):
@@ -227,9 +237,7 @@ class FitConfig:
         if not math.isfinite(self.plateau_threshold) or self.plateau_threshold < 0:
             raise ConfigError(f"fit.plateau_threshold must be >= 0, got {self.plateau_threshold}")
         for name in ("kl_weight", "stop_weight", "anchor_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"fit.{name} must be a number >= 0, got {value!r}")
+            _non_negative(f"fit.{name}", getattr(self, name))
 
 
 @dataclass
@@ -353,8 +361,9 @@ class AlignConfig(RunConfig):
             raise ConfigError("step1.objective=preference and patterns.align_target=preferred are Dual options; use method=dual")
         if self.step1.shared_length and self.step1.objective != "preference":
             raise ConfigError("step1.shared_length cuts the pairs of step1.objective=preference; set that too (method=dual)")
-        if self.step1.loss_type != "sigmoid" and self.step1.objective != "preference":
-            raise ConfigError("step1.loss_type is the DPO loss of step1.objective=preference; set that too (method=dual)")
+        for key, default in (("loss_type", "sigmoid"), ("sft_weight", 0.0)):
+            if getattr(self.step1, key) != default and self.step1.objective != "preference":
+                raise ConfigError(f"step1.{key} shapes the DPO loss of step1.objective=preference; set that too (method=dual)")
         self.fit.check()
 
     @property
@@ -372,13 +381,13 @@ class AlignConfig(RunConfig):
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Runs written before the baseline settings left AlignConfig saved a ``baseline`` section;
         runs written before ``fit.share_prompt`` shared the frozen passes only: they resume as ``frozen``;
-        runs written before ``step1.shared_length``, ``step1.loss_type``, ``fit.stop_weight`` or ``fit.anchor_weight`` resume with
+        runs written before ``step1.shared_length``, ``step1.loss_type``, ``step1.sft_weight``, ``fit.stop_weight`` or ``fit.anchor_weight`` resume with
         them off, as they ran."""
         upgraded = {k: v for k, v in saved.items() if k != "baseline"}
         if isinstance(upgraded.get("fit"), dict):
             upgraded["fit"] = {"share_prompt": "frozen", "stop_weight": 0.0, "anchor_weight": 0.0, **upgraded["fit"]}
         if isinstance(upgraded.get("step1"), dict):
-            upgraded["step1"] = {"shared_length": False, "loss_type": "sigmoid", **upgraded["step1"]}
+            upgraded["step1"] = {"shared_length": False, "loss_type": "sigmoid", "sft_weight": 0.0, **upgraded["step1"]}
         return upgraded
 
 
@@ -400,6 +409,9 @@ class BaselineConfig(RunConfig):
     loss_type: DpoLoss = field(
         default="sigmoid",
         metadata={"help": "DPO: TRL's loss; sigmoid_norm compares per-token means of the log-ratios (raise beta: its scale is per token)"},
+    )
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "DPO: add this x the mean NLL of the chosen reply (RPO); 0 = plain DPO"}
     )
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "DPO: compute the reference log-probs once before training (when training reads every pair; else per batch)"}
@@ -424,15 +436,16 @@ class BaselineConfig(RunConfig):
         self.train.check("train")
         self.lora.check("lora")
         _positive("beta", self.beta)
+        _non_negative("sft_weight", self.sft_weight)
 
     def upgrade_saved(self, saved: dict[str, Any]) -> dict[str, Any]:
         """Baseline runs written before this class existed saved align's config with a
         ``baseline`` section; they recorded no method (the command named it), so take ours. Runs
-        written before ``shared_length`` or ``loss_type`` resume with what they ran (off, sigmoid)."""
+        written before ``shared_length``, ``loss_type`` or ``sft_weight`` resume with what they ran (off, sigmoid, 0)."""
         if "baseline" in saved:
             common = {f.name for f in dataclasses.fields(RunConfig)}
             saved = {k: v for k, v in saved.items() if k in common} | saved["baseline"] | {"method": self.method}
-        return {"shared_length": False, "loss_type": "sigmoid", **saved}
+        return {"shared_length": False, "loss_type": "sigmoid", "sft_weight": 0.0, **saved}
 
 
 def default_target_layers(num_layers: int) -> list[int]:

@@ -144,7 +144,9 @@ def baseline_card(config: BaselineConfig, method: Method, *, base: str, data_sta
         else f"LoRA r={settings.lora.r}, alpha={settings.lora.alpha}, modules {settings.lora.target_modules}"
     )
     objective = (
-        f"DPO ({settings.loss_type} loss, beta {settings.beta}), reference = the starting model"
+        f"DPO ({settings.loss_type} loss, beta {settings.beta}"
+        + (f", plus {settings.sft_weight} x the chosen reply's NLL" if settings.sft_weight else "")
+        + "), reference = the starting model"
         if method == "dpo"
         else "SFT on the chosen replies, loss on reply tokens only"
     )

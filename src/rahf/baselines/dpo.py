@@ -7,7 +7,8 @@ For a pair (x, y+, y-) with summed reply log-probs log pi(y | x) (EOS included):
 
 ``loss_type: sigmoid_norm`` divides each reply's summed log-ratio by its token count first, so a
 longer reply weighs no more than a short one; its beta is per token (about reply length x the
-summed loss's beta gives the same first step). At the start pi == pi_ref, so the first loss is log 2 ~= 0.6931. TRL logs ``rewards/chosen``,
+summed loss's beta gives the same first step). ``sft_weight`` > 0 adds that weight x the chosen
+reply's mean per-token NLL (RPO). At the start pi == pi_ref, so the first loss is log 2 ~= 0.6931. TRL logs ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/accuracies`` (share with r(y+) > r(y-)) and ``rewards/margins``.
 
 The reference is never a second copy with LoRA: TRL computes it with the adapter disabled.
@@ -114,7 +115,7 @@ def build_dpo_trainer(
     config: RunConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *,
     train: TrainSettings | None = None, lora: LoraSettings | None | bool = True, beta: float | None = None,
     precompute_ref_log_probs: bool | None = None, model_path: str | None = None, shared_length: bool | None = None,
-    loss_type: str | None = None,
+    loss_type: str | None = None, sft_weight: float | None = None,
 ) -> DPOTrainer:
     """The trainer, ready to ``train()`` (reference log-probs already computed if precomputed).
 
@@ -123,10 +124,11 @@ def build_dpo_trainer(
     its own. ``model_path``: the model already resolved (default: ``config.model``).
     """
     if (lora is True or train is None or beta is None or precompute_ref_log_probs is None or shared_length is None
-            or loss_type is None):
+            or loss_type is None or sft_weight is None):
         settings = config  # a BaselineConfig: its own settings fill what the caller left out
         shared_length = settings.shared_length if shared_length is None else shared_length
         loss_type = loss_type or settings.loss_type
+        sft_weight = settings.sft_weight if sft_weight is None else sft_weight
         lora = (None if settings.full_finetune else settings.lora) if lora is True else lora
         train = train or settings.train
         beta = settings.beta if beta is None else beta
@@ -142,7 +144,9 @@ def build_dpo_trainer(
     args = trl_arguments(
         config, DPOConfig, out / "checkpoints", stage="dpo", train=train,
         beta=beta,
-        loss_type=[loss_type],
+        # RPO: the DPO loss plus sft_weight x the chosen reply's mean NLL (TRL's "sft" loss)
+        loss_type=[loss_type, "sft"] if sft_weight else [loss_type],
+        loss_weights=[1.0, sft_weight] if sft_weight else None,
         precompute_ref_log_probs=precompute_ref_log_probs,
         max_length=None,  # the windows are applied per prompt and per reply in _prepare_dataset
     )

@@ -6,7 +6,8 @@ sets share most of their style, both sides learn that style and A+ - A- carries 
 the swapped pair (rejected over chosen), reference = the starting model (adapter disabled), so the
 two models differ exactly where the pair does. TRL's ``DPOTrainer`` does the work, driven as the
 DPO baseline drives it (:mod:`rahf.baselines.dpo`: rahf's tokenisation and windows, NaN guard),
-with step 1's budget, LoRA, ``step1.beta`` and ``step1.loss_type``.
+with step 1's budget, LoRA, ``step1.beta``, ``step1.loss_type`` and ``step1.sft_weight``
+(the NLL term then reads each side's own preferred reply: chosen for M+, rejected for M-).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def train_side_preference(plan: RunPlan, pairs: Sequence[PreferencePair], side: 
     trainer = build_dpo_trainer(
         config, data, plan.tokenizer, out, train=step1.train, lora=None if step1.full_finetune else step1.lora,
         beta=step1.beta, precompute_ref_log_probs=STEP1_PRECOMPUTE_REF, model_path=plan.model_path,
-        shared_length=step1.shared_length, loss_type=step1.loss_type,
+        shared_length=step1.shared_length, loss_type=step1.loss_type, sft_weight=step1.sft_weight,
     )
     trainer.stage = f"step1 ({side}, preference)"
     return train_stage(trainer, out, merged=merged or step1.full_finetune, tokenizer=plan.tokenizer)
