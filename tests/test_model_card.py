@@ -79,6 +79,18 @@ def test_full_finetune_baseline_card_is_a_transformers_model():
     assert [r.metric_value for r in data.eval_results] == [0.125]
 
 
+def test_dpo_baseline_card_names_its_loss():
+    from rahf.baselines import baseline_card
+    from rahf.config import BaselineConfig
+
+    plain = load_config(None, ["method=dpo", "model=smollm2", "data=builtin"], cls=BaselineConfig)
+    assert "DPO (sigmoid loss, beta 0.1), reference" in baseline_card(plain, "dpo", base="/x", data_stats=STATS, logs={})
+    rpo = load_config(None, ["method=dpo", "model=smollm2", "data=builtin", "loss_type=sigmoid_norm", "beta=5",
+                             "sft_weight=0.5"], cls=BaselineConfig)
+    text = baseline_card(rpo, "dpo", base="/x", data_stats=STATS, logs={})
+    assert "DPO (sigmoid_norm loss, beta 5.0, plus 0.5 x the chosen reply's NLL), reference" in text
+
+
 class FakeApi:
     """Records what ``push_to_hub`` would send; ``fail`` makes the commit raise like the Hub does."""
 
