@@ -1,6 +1,7 @@
 """What the tests of the fit's optional terms (tests/test_stop_term.py, tests/test_anchor.py)
 share: two toy pairs, a 4-block tiny model, a trainer that computes the loss alone, and the two
-moves those tests make on its adapter. Test modules import the fixture
+moves those tests make on its adapter (tests/test_baselines.py moves its DPO adapter with
+``move_adapter`` too). Test modules import the fixture
 (``from fit_terms import tiny_fixture``), as with tests/shared_runs.py.
 """
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fit_terms import move_adapter
 
 from rahf.baselines import train_dpo, train_sft
 from rahf.config import BaselineConfig, load_config
@@ -265,10 +266,7 @@ def test_dpo_loss_type_reaches_trl_and_matches_a_hand_computed_loss(setup, tmp_p
     _, _, _, trainer = _dpo_trainer(setup, tmp_path, f"loss_type={loss_type}", f"beta={beta}", "train.max_steps=-1",
                                   f"sft_weight={sft_weight}", "mixed_precision=no")  # fp32: no autocast by hand
     model = trainer.model.eval()  # no dropout: the hand computation runs the same function
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
+    move_adapter(model)
     rows = [trainer.train_dataset[i] for i in range(4)]
 
     def token_logps(prompt: list[int], reply: list[int]) -> torch.Tensor:

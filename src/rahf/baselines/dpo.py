@@ -36,7 +36,7 @@ from trl import DPOConfig, DPOTrainer
 
 from rahf import console
 from rahf.baselines import FiniteLoss, train_and_save, trl_arguments
-from rahf.config import BaselineConfig, LoraSettings, RunConfig, TrainSettings
+from rahf.config import BaselineConfig, RunConfig, Step1Config, TrainSettings
 from rahf.data.render import encode_prompt, encode_reply
 from rahf.data.schema import PreferencePair
 from rahf.io import is_main_process
@@ -113,28 +113,21 @@ def reads_every_pair(train: TrainSettings, pairs: int, world_size: int = 1) -> b
 
 def build_dpo_trainer(
     config: RunConfig, pairs: Sequence[PreferencePair], tokenizer, out: Path, *,
-    train: TrainSettings | None = None, lora: LoraSettings | None | bool = True, beta: float | None = None,
-    precompute_ref_log_probs: bool | None = None, model_path: str | None = None, shared_length: bool | None = None,
-    loss_type: str | None = None, sft_weight: float | None = None,
+    settings: BaselineConfig | Step1Config | None = None, precompute_ref_log_probs: bool | None = None,
+    model_path: str | None = None,
 ) -> DPOTrainer:
     """The trainer, ready to ``train()`` (reference log-probs already computed if precomputed).
 
-    Settings default to the baseline's (``lora=True``: the baseline's LoRA unless it fine-tunes
-    every weight; None: full fine-tuning); Dual step 1 with ``step1.objective: preference`` passes
-    its own. ``model_path``: the model already resolved (default: ``config.model``).
+    ``settings``: where the DPO settings are read (train, lora / full_finetune, beta, loss_type,
+    sft_weight, shared_length); default the baseline's own (``config``), Dual step 1 with
+    ``step1.objective: preference`` passes ``config.step1``. ``precompute_ref_log_probs``
+    defaults to the baseline's setting. ``model_path``: the model already resolved (default:
+    ``config.model``).
     """
-    if (lora is True or train is None or beta is None or precompute_ref_log_probs is None or shared_length is None
-            or loss_type is None or sft_weight is None):
-        settings = config  # a BaselineConfig: its own settings fill what the caller left out
-        shared_length = settings.shared_length if shared_length is None else shared_length
-        loss_type = loss_type or settings.loss_type
-        sft_weight = settings.sft_weight if sft_weight is None else sft_weight
-        lora = (None if settings.full_finetune else settings.lora) if lora is True else lora
-        train = train or settings.train
-        beta = settings.beta if beta is None else beta
-        precompute_ref_log_probs = (
-            settings.precompute_ref_log_probs if precompute_ref_log_probs is None else precompute_ref_log_probs
-        )
+    settings = settings or config
+    train, lora = settings.train, None if settings.full_finetune else settings.lora
+    if precompute_ref_log_probs is None:
+        precompute_ref_log_probs = config.precompute_ref_log_probs
     if precompute_ref_log_probs and not reads_every_pair(train, len(pairs), int(os.environ.get("WORLD_SIZE", "1"))):
         if is_main_process():
             console.info(f"rahf: dpo: the step budget reads fewer than the {len(pairs)} pairs: reference"
@@ -143,10 +136,10 @@ def build_dpo_trainer(
     model = load_model(model_path or config.model, dtype=config.dtype, device=config.device)
     args = trl_arguments(
         config, DPOConfig, out / "checkpoints", stage="dpo", train=train,
-        beta=beta,
+        beta=settings.beta,
         # RPO: the DPO loss plus sft_weight x the chosen reply's mean NLL (TRL's "sft" loss)
-        loss_type=[loss_type, "sft"] if sft_weight else [loss_type],
-        loss_weights=[1.0, sft_weight] if sft_weight else None,
+        loss_type=[settings.loss_type, "sft"] if settings.sft_weight else [settings.loss_type],
+        loss_weights=[1.0, settings.sft_weight] if settings.sft_weight else None,
         precompute_ref_log_probs=precompute_ref_log_probs,
         max_length=None,  # the windows are applied per prompt and per reply in _prepare_dataset
     )
@@ -158,7 +151,7 @@ def build_dpo_trainer(
         peft_config=None if lora is None else lora_config(lora),
         max_prompt_tokens=config.max_prompt_tokens,
         max_reply_tokens=config.reply_window,
-        shared_length=shared_length,
+        shared_length=settings.shared_length,
     )
 
 

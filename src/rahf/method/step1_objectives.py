@@ -40,9 +40,8 @@ def train_side_preference(plan: RunPlan, pairs: Sequence[PreferencePair], side: 
     config, step1 = plan.config, plan.config.step1
     data = list(pairs) if side == "preferred" else swapped(pairs)
     trainer = build_dpo_trainer(
-        config, data, plan.tokenizer, out, train=step1.train, lora=None if step1.full_finetune else step1.lora,
-        beta=step1.beta, precompute_ref_log_probs=STEP1_PRECOMPUTE_REF, model_path=plan.model_path,
-        shared_length=step1.shared_length, loss_type=step1.loss_type, sft_weight=step1.sft_weight,
+        config, data, plan.tokenizer, out, settings=step1, precompute_ref_log_probs=STEP1_PRECOMPUTE_REF,
+        model_path=plan.model_path,
     )
     trainer.stage = f"step1 ({side}, preference)"
     return train_stage(trainer, out, merged=merged or step1.full_finetune, tokenizer=plan.tokenizer)
